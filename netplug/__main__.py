@@ -1,0 +1,3 @@
+from netplug.cli import main
+
+raise SystemExit(main())
