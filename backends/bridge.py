@@ -293,5 +293,9 @@ def _create_veth(w: Worker, network: Network, endpoint: Endpoint, opts: BridgeOp
         bridge = w.link(network.links["bridge"])
         mtu = bridge.mtu if bridge is not None and network.links.get("adopted") == "1" else None
     w.add_veth(host, peer, master=master, mtu=mtu, peer_mac=endpoint.mac)
+    # hairpin: with br_netfilter, a container reaching its own published port has its packet
+    # DNAT'd at bridge level and sent back out the port it came in on. isolated: icc=false.
+    port: dict[str, int] = {"mode": 1}
     if not opts.icc:
-        w.ipr.brport("set", index=w.index(host), isolated=1)
+        port["isolated"] = 1
+    w.set_bridge_port(host, **port)

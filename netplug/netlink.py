@@ -158,6 +158,11 @@ class Worker:
         with kernel_errors(f"configuring link {name}"):
             self.ipr.link("set", index=self.index(name), **attrs)
 
+    def set_bridge_port(self, name: str, **attrs: int) -> None:
+        """Bridge-port flags (IFLA_BRPORT_*): mode=1 is hairpin, isolated=1 port isolation."""
+        with kernel_errors(f"configuring bridge port {name}"):
+            self.ipr.brport("set", index=self.index(name), **attrs)
+
     def delete_link(self, name: str) -> bool:
         """Delete a link by name; False when it was already gone (that is success)."""
         try:
