@@ -1,0 +1,46 @@
+# netplug: `make test` and `make demo` work on a fresh Debian machine, as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Debian packages the tests and the demo use: the kernel tools and a ping.
+DEB_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping curl procps
+
+.PHONY: all test lint typecheck pytest demo deps system-deps clean
+
+all: test
+
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(BIN)/netplug: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+deps: system-deps $(BIN)/netplug
+
+lint: deps
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+typecheck: deps
+	$(BIN)/mypy
+
+pytest: deps
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest
+
+test: lint typecheck pytest
+
+demo: deps
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m tests.demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
