@@ -110,7 +110,8 @@ def assert_clean(plugin: Plugin) -> None:
     assert iptables_leftovers(host) == []
     assert plugin.records() == []
     status = plugin.call("/Netplug.Status")
-    assert status["networks"] == [] and status["endpoints"] == []
+    assert status["networks"] == []
+    assert status["endpoints"] == []
 
 
 @pytest.fixture
@@ -124,11 +125,12 @@ def net(plugin: Plugin) -> Iterator[Net]:
 def tcp_server(container: Container, port: int) -> Any:
     script = (
         "import socket\n"
-        "s=socket.socket(socket.AF_INET6 if False else socket.AF_INET);"
+        "s=socket.socket(socket.AF_INET);"
         "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
         f"s.bind(('0.0.0.0',{port}));s.listen(16)\n"
         "while True:\n"
-        " c,a=s.accept();c.sendall(('hello from %s via %s'%(c.getsockname()[0],a[0])).encode());c.close()\n"
+        " c,a=s.accept()\n"
+        " c.sendall(('hello from %s via %s'%(c.getsockname()[0],a[0])).encode());c.close()\n"
     )
     proc = container.ns.popen("python3", "-c", script)
     time.sleep(0.3)
@@ -221,7 +223,7 @@ def test_containers_talk_nat_ports_and_cleanup(
 def test_ports_removed_by_leave_and_delete_without_revoke(
     plugin: Plugin, topology: tuple[NetNS, NetNS]
 ) -> None:
-    host, world = topology
+    _, world = topology
     net = Net(plugin, 2, "10.78.0.0/24")
     ports = [
         {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18081, "HostPortEnd": 18081}
@@ -326,7 +328,7 @@ def test_bridge_name_in_use_and_bad_input_leave_nothing(plugin: Plugin) -> None:
     Net(plugin, 10, "10.88.0.0/24", options={"bridge_name": "shared0"})
     with pytest.raises(Exception, match="already used by netplug network"):
         create_network(plugin, nid(11), "10.89.0.0/24", options={"bridge_name": "shared0"})
-    with pytest.raises(Exception, match="at most 15|1 to 15"):
+    with pytest.raises(Exception, match=r"at most 15|1 to 15"):
         create_network(plugin, nid(11), "10.89.0.0/24", options={"bridge_name": "x" * 16})
     with pytest.raises(Exception, match="overlaps"):
         create_network(plugin, nid(11), "10.88.0.128/25")

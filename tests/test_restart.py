@@ -25,7 +25,7 @@ def drift(plugin: Plugin) -> list[str]:
 def test_sigterm_stops_fast_and_state_survives(
     plugin: Plugin, topology: tuple[NetNS, NetNS]
 ) -> None:
-    host, world = topology
+    _, world = topology
     net = Net(plugin, 20, "10.90.0.0/24")
     ports = [
         {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18090, "HostPortEnd": 18090}
@@ -174,7 +174,7 @@ def test_kill_9_at_random_points(plugin: Plugin) -> None:
     for n in range(trials):
         errors: list[BaseException] = []
 
-        def drive(n: int = n) -> None:
+        def drive(n: int = n, errors: list[BaseException] = errors) -> None:
             try:
                 lifecycle(plugin, n)
             except (NetplugError, OSError) as exc:
