@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Debian packages the tests and the demo use: the kernel tools and a ping.
-DEB_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping curl procps
+DEB_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping curl procps python3-venv
 
 .PHONY: all test lint typecheck pytest demo deps system-deps clean
 

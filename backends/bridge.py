@@ -10,6 +10,7 @@ that already exists is adopted: netplug adds its gateway addresses and rules and
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 
 from netplug.backend import BackendContext, JoinInfo, Records, Restored, convert_options
-from netplug.errors import Conflict, LinkMissing
+from netplug.errors import Conflict, LinkExists, LinkMissing
 from netplug.firewall import NetworkRules, chain_name
 from netplug.model import Endpoint, Network, PublishedPort
 from netplug.netlink import (
@@ -54,7 +55,12 @@ class BridgeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def _options(network: Network) -> BridgeOptions:
-    return convert_options(network.options, BridgeOptions, backend=BridgeBackend.name)
+    return _parsed(tuple(sorted(network.options.items())))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(options: tuple[tuple[str, str], ...]) -> BridgeOptions:
+    return convert_options(dict(options), BridgeOptions, backend=BridgeBackend.name)
 
 
 def _rules(network: Network, opts: BridgeOptions) -> NetworkRules:
@@ -111,10 +117,15 @@ class BridgeBackend:
         if not bridge:
             return
         await self.context.firewall.remove_network(network.id[:12], bridge)
-        if network.links.get("adopted") == "1":
-            await self.context.kernel.run(lambda w: _remove_addresses(w, network))
-        else:
-            await self.context.kernel.run(lambda w: w.delete_link(bridge))
+
+        def remove(w: Worker) -> None:
+            w.forget(bridge)
+            if network.links.get("adopted") == "1":
+                _remove_addresses(w, network)
+            else:
+                w.delete_link(bridge)
+
+        await self.context.kernel.run(remove)
 
     # --- endpoints -------------------------------------------------------------------------
 
@@ -147,15 +158,24 @@ class BridgeBackend:
             return JoinInfo(src_name=endpoint.links["peer"])
         gateway = next((s.gateway_ip for s in network.ipv4 if s.gateway), "")
         gateway6 = next((s.gateway_ip for s in network.ipv6 if s.gateway), "")
+        gateway = gateway if endpoint.ipv4 else ""
+        gateway6 = gateway6 if endpoint.ipv6 else ""
         return JoinInfo(
             src_name=endpoint.links["peer"],
-            gateway=gateway if endpoint.ipv4 else "",
-            gateway_ipv6=gateway6 if endpoint.ipv6 else "",
+            gateway=gateway,
+            gateway_ipv6=gateway6,
+            # With no gateway at all (e.g. --ipam-driver null) dockerd would add a second
+            # interface on its docker_gwbridge network; never do that behind a user's back.
+            disable_gateway_service=not (gateway or gateway6),
         )
 
     async def publish(
         self, network: Network, endpoint: Endpoint, ports: list[PublishedPort]
     ) -> None:
+        # hairpin: with br_netfilter, a container reaching its own published port has its packet
+        # DNAT'd at bridge level and sent back out of the port it came in on.
+        host = endpoint.links["host"]
+        await self.context.kernel.run(lambda w: w.set_bridge_port(host, mode=1))
         await self.context.firewall.publish(ports)
 
     async def unpublish(
@@ -173,6 +193,7 @@ class BridgeBackend:
             for net in networks:
                 if net.links["bridge"] not in present:
                     restored.repaired.append(f"bridge {net.links['bridge']} recreated")
+                    net.links["adopted"] = "0"  # netplug made this one: it deletes it too
                 _ensure_bridge(w, net, _options(net))
             restored.lost_endpoints += [
                 ep.id for ep in endpoints if ep.links.get("host") not in present
@@ -240,6 +261,7 @@ class BridgeBackend:
 def _ensure_bridge(w: Worker, network: Network, opts: BridgeOptions) -> None:
     """Create (or adopt) the bridge and give it its addresses; idempotent."""
     name = check_ifname(network.links["bridge"])
+    w.forget(name)
     link = w.link(name)
     if link is None:
         index = w.add_bridge(name, mtu=opts.mtu, mac=stable_mac("bridge" + network.id))
@@ -253,6 +275,8 @@ def _ensure_bridge(w: Worker, network: Network, opts: BridgeOptions) -> None:
         write_sysctl("net/ipv6/conf/all/forwarding", "1")
     # 127.0.0.1:port on the host reaches published ports through this bridge.
     write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
+    if not network.internal:
+        write_sysctl("net/ipv4/ip_forward", "1")  # dockerd sets it too; a host may not have
     present = w.addresses(index)
     for subnet in network.subnets:
         if subnet.gateway and subnet.gateway not in present:
@@ -280,22 +304,23 @@ def _remove_addresses(w: Worker, network: Network) -> None:
 
 
 def _create_veth(w: Worker, network: Network, endpoint: Endpoint, opts: BridgeOptions) -> None:
+    """One RTM_NEWLINK in the common case; the slow path only after a crash or a retry."""
     host, peer = endpoint.links["host"], endpoint.links["peer"]
-    master = w.index(network.links["bridge"])
-    existing = w.link(host)
-    if existing is not None:
-        if existing.master == master and existing.up:
-            return  # made before a crash or by a retried request
-        w.delete_link(host)
-    w.delete_link(peer)  # a stray container end left by an unclean stop
+    bridge = network.links["bridge"]
     mtu = opts.mtu
-    if mtu is None:
-        bridge = w.link(network.links["bridge"])
-        mtu = bridge.mtu if bridge is not None and network.links.get("adopted") == "1" else None
-    w.add_veth(host, peer, master=master, mtu=mtu, peer_mac=endpoint.mac)
-    # hairpin: with br_netfilter, a container reaching its own published port has its packet
-    # DNAT'd at bridge level and sent back out the port it came in on. isolated: icc=false.
-    port: dict[str, int] = {"mode": 1}
+    if mtu is None and network.links.get("adopted") == "1":
+        link = w.link(bridge)
+        mtu = link.mtu if link is not None else None
+    master = w.cached_index(bridge)
+    try:
+        w.add_veth(host, peer, master=master, mtu=mtu, peer_mac=endpoint.mac)
+    except LinkExists:
+        existing = w.link(host)
+        if existing is None or existing.master != master or not existing.up:
+            # Someone else's leftover under our name (a crash between create and record, a
+            # container end moved back by dockerd): replace it.
+            w.delete_link(host)
+            w.delete_link(peer)
+            w.add_veth(host, peer, master=master, mtu=mtu, peer_mac=endpoint.mac)
     if not opts.icc:
-        port["isolated"] = 1
-    w.set_bridge_port(host, **port)
+        w.set_bridge_port(host, isolated=1)  # ports of an isolated bridge cannot talk

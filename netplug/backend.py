@@ -17,6 +17,7 @@ Order of calls, as the driver makes them:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 from collections.abc import Callable, Mapping
@@ -167,8 +168,7 @@ class Registry:
 def convert_options(options: Mapping[str, str], options_type: type[S], *, backend: str) -> S:
     """Turn string options into a typed, validated Struct, with errors that name the option,
     the value given and what is allowed."""
-    fields = msgspec.structs.fields(options_type)
-    known = {f.encode_name for f in fields}
+    known = _option_names(options_type)
     for key, value in options.items():
         if key not in known:
             raise InvalidOption(
@@ -185,6 +185,11 @@ def convert_options(options: Mapping[str, str], options_type: type[S], *, backen
         reason = text.split(" - at ", 1)[0]
         hint = _hints(options_type).get(key, reason)
         raise InvalidOption(key or "options", options.get(key), hint) from exc
+
+
+@functools.cache
+def _option_names(options_type: type[msgspec.Struct]) -> frozenset[str]:
+    return frozenset(f.encode_name for f in msgspec.structs.fields(options_type))
 
 
 def _hints(options_type: type[msgspec.Struct]) -> dict[str, str]:

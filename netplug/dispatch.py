@@ -124,11 +124,13 @@ class App:
         path: str = scope["path"]
         call = path.rsplit(".", 1)[-1] if "." in path else path
         route = self.routes.get(path)
-        if route is None:
-            await _reply(send, 404, _error(f"{path} is not part of the network driver protocol"))
-            return
-        if scope["method"] != "POST":
-            await _reply(send, 405, _error(f"{path} takes POST, not {scope['method']}"))
+        if route is None or scope["method"] != "POST":
+            if route is None:
+                status, message = 404, f"{path} is not part of the network driver protocol"
+            else:
+                status, message = 405, f"{path} takes POST, not {scope['method']}"
+            await _reply(send, status, _error(message))
+            log.warning("call", extra={"call": call, "fields": {"status": status, "err": message}})
             return
         started = time.perf_counter()
         status, body, request = 200, _EMPTY, None
@@ -167,6 +169,8 @@ def _decode(route: Route, raw: bytes, call: str) -> Any:
     except msgspec.DecodeError as exc:
         what = "empty body" if not raw.strip() else f"malformed JSON ({exc})"
         raise _BadRequest(f"invalid {call} request: {what}; expected a JSON object") from exc
+    except RecursionError as exc:
+        raise _BadRequest(f"invalid {call} request: JSON nested too deeply") from exc
 
 
 class _BadRequest(NetplugError):

@@ -51,14 +51,15 @@ DOCKER_ALIASES = {
 BACKEND_OPTION = "backend"
 EPHEMERAL_PORTS = range(49153, 65536)  # Docker's default range for -p without a host port
 
-_DOCKER_ID = re.compile(r"^[0-9a-fA-F]{12,64}$")
+_DOCKER_ID = re.compile(r"[0-9a-fA-F]{12,64}")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _generic_decoder = msgspec.json.Decoder(dict[str, str | int | float | bool] | None)
 _bool_decoder = msgspec.json.Decoder(bool | str | None)
 _portmap_decoder = msgspec.json.Decoder(list[p.PortBinding] | None)
 
 
 def check_id(kind: str, value: str) -> str:
-    if not _DOCKER_ID.match(value):
+    if not _DOCKER_ID.fullmatch(value):
         raise InvalidRequest(
             f"{kind} {value!r} is not a Docker ID: expected 12 to 64 hexadecimal digits"
         )
@@ -302,6 +303,17 @@ class Driver:
                     raise InvalidRequest(f"Interface.{name} {value!r}: {exc}") from exc
                 if parsed.version != version:
                     raise InvalidRequest(f"Interface.{name} {value!r} is not IPv{version}")
+                pools = [s.network for s in (net.ipv4 if version == 4 else net.ipv6)]
+                if pools and not any(parsed.ip in pool for pool in pools):
+                    raise InvalidRequest(
+                        f"Interface.{name} {value} is outside the network's subnets "
+                        f"({', '.join(map(str, pools))})"
+                    )
+        if iface.mac_address and not _MAC.fullmatch(iface.mac_address):
+            raise InvalidRequest(
+                f"Interface.MacAddress {iface.mac_address!r} is not a MAC address "
+                "(six hex pairs separated by ':')"
+            )
         ep = Endpoint(
             id=endpoint_id,
             network_id=net.id,
@@ -382,8 +394,8 @@ class Driver:
         endpoint_id = check_id("EndpointID", req.endpoint_id)
         async with self._endpoint_lock(endpoint_id):
             ep = self.store.endpoints.get(endpoint_id)
-            net = self.store.networks.get(network_id)
-            if ep is None or net is None:
+            net = self.store.networks.get(ep.network_id) if ep is not None else None
+            if ep is None or net is None or ep.network_id != network_id:
                 log.info(
                     "endpoint already gone",
                     extra={"network": network_id, "endpoint": endpoint_id},
@@ -404,10 +416,9 @@ class Driver:
     async def join(self, req: p.JoinRequest) -> p.JoinResponse:
         net, ep = self._endpoint(req.network_id, req.endpoint_id)
         info = self._backend(net).join(net, ep)
-        if not ep.joined:
-            async with self._endpoint_lock(ep.id):
-                ep.joined = True
-                await self._shielded(lambda: self.store.save(ep))
+        # `joined` is kept in memory only (it is written with the record's next change): it
+        # informs `netplug status` and nothing depends on it after a restart.
+        ep.joined = True
         return p.JoinResponse(
             interface_name=p.InterfaceName(src_name=info.src_name, dst_prefix="eth"),
             gateway=info.gateway,
@@ -428,10 +439,8 @@ class Driver:
             await self._shielded(lambda: self._leave(net, ep))
 
     async def _leave(self, net: Network, ep: Endpoint) -> None:
+        ep.joined = False
         await self._unpublish(net, ep, self._backend(net))
-        if ep.joined:
-            ep.joined = False
-            await self.store.save(ep)
 
     # --- published ports -------------------------------------------------------------------
 
@@ -509,7 +518,12 @@ class Driver:
                     "omit the IPv6 host address",
                 )
             if not 0 < binding.port < 65536:
-                raise InvalidRequest(f"container port {binding.port} is out of range")
+                raise InvalidRequest(f"container port {binding.port} is out of range (1-65535)")
+            if not 0 <= binding.host_port < 65536 or not 0 <= binding.host_port_end < 65536:
+                raise InvalidRequest(
+                    f"host port {binding.host_port}-{binding.host_port_end} is out of range "
+                    "(1-65535, or 0 to let netplug choose)"
+                )
             if binding.host_port == 0:
                 want = previous.get((proto, binding.port, host_ip))
                 candidates: range | list[int] = [want] if want else EPHEMERAL_PORTS
@@ -583,32 +597,36 @@ class Driver:
         store = self.store
         for ep in list(store.endpoints.values()):
             net = store.networks.get(ep.network_id)
-            if ep.state != "ready" or net is None or net.state != "ready":
-                if net is not None:
-                    await self._undo_endpoint(net, ep, report)
-                else:
-                    await store.remove(ep)
-                    report["removed"].append(f"endpoint {ep.id[:12]} (its network is gone)")
+            if net is None:
+                await store.remove(ep)
+                report["removed"].append(f"endpoint {ep.id[:12]} (its network is gone)")
+            elif ep.state != "ready" or net.state != "ready":
+                await self._undo_endpoint(net, ep, report, f"unfinished {ep.state}")
         for net in list(store.networks.values()):
             if net.state != "ready":
-                backend = self._backend(net)
-                await backend.delete_network(net)
+                await self._backend(net).delete_network(net)
                 await store.remove(net)
                 report["removed"].append(f"network {net.id[:12]} (unfinished {net.state})")
         for name, backend in self._backends_in_use().items():
-            restored = await backend.restore(*self._records(name))
+            networks, endpoints = self._records(name)
+            before = [dict(net.links) for net in networks]
+            restored = await backend.restore(networks, endpoints)
             report["repaired"] += restored.repaired
+            for net, links in zip(networks, before, strict=True):
+                if net.links != links:  # the backend noted a change (e.g. it made the bridge)
+                    await store.save(net)
             for endpoint_id in restored.lost_endpoints:
                 ep = store.endpoints[endpoint_id]
-                await self._undo_endpoint(store.networks[ep.network_id], ep, report)
+                net = store.networks[ep.network_id]
+                await self._undo_endpoint(net, ep, report, "its links are gone")
         report["collected"] += await self.collect_garbage()
         return dict(report)
 
     async def _undo_endpoint(
-        self, net: Network, ep: Endpoint, report: dict[str, list[str]]
+        self, net: Network, ep: Endpoint, report: dict[str, list[str]], why: str
     ) -> None:
         await self._delete_endpoint(net, ep, self._backend(net))
-        report["removed"].append(f"endpoint {ep.id[:12]} ({ep.state}, links gone or unfinished)")
+        report["removed"].append(f"endpoint {ep.id[:12]} ({why})")
 
     def _backends_in_use(self) -> dict[str, Backend]:
         names = {n.backend for n in self.store.networks.values()} | set(self.registry.loaded())

@@ -175,13 +175,10 @@ def _q(name: str) -> str:
 
 def _network_commands(net: NetworkRules) -> str:
     b, k = _q(net.bridge), net.key
-    into = [
-        "ct state established,related accept",
-        f"iifname {b} {'accept' if net.icc else 'drop'}",
-    ]
+    into = ["ct state established,related accept"]
     if not net.internal:
-        into.append("ct status dnat accept")
-    into.append("drop")
+        into.append("ct status dnat accept")  # published ports, hairpin included
+    into += [f"iifname {b} {'accept' if net.icc else 'drop'}", "drop"]
     if net.internal:
         outof = [f"oifname != {b} drop"]
     else:

@@ -114,9 +114,21 @@ def kernel_errors(what: str) -> Iterator[None]:
 class Worker:
     """What a function running on a kernel thread receives: the thread's own resources."""
 
-    def __init__(self, ipr: IPRoute) -> None:
+    def __init__(self, ipr: IPRoute, indexes: dict[str, int] | None = None) -> None:
         self.ipr = ipr
         self.resources: dict[str, Any] = {}
+        self._indexes = indexes if indexes is not None else {}
+
+    def cached_index(self, name: str) -> int:
+        """The index of a long-lived link (a bridge), remembered across calls and threads.
+        Whoever deletes or recreates that link calls `forget`."""
+        index = self._indexes.get(name)
+        if index is None:
+            index = self._indexes[name] = self.index(name)
+        return index
+
+    def forget(self, name: str) -> None:
+        self._indexes.pop(name, None)
 
     # --- typed wrappers over the parts of IPRoute netplug uses -----------------------------
 
@@ -224,9 +236,21 @@ def write_sysctl(path: str, value: str) -> bool:
     try:
         Path("/proc/sys", path).write_text(value)
     except OSError as exc:
-        log.debug("sysctl %s=%s not written: %s", path, value, exc)
-        return False
+        current = _read_sysctl(path)
+        if current != value:
+            log.warning(
+                "sysctl not set",
+                extra={"fields": {"key": path, "want": value, "is": current, "error": exc}},
+            )
+        return current == value
     return True
+
+
+def _read_sysctl(path: str) -> str | None:
+    try:
+        return Path("/proc/sys", path).read_text().strip()
+    except OSError:
+        return None
 
 
 _Job = tuple[Callable[[Worker], Any], Callable[[outcome.Outcome[Any]], None]]
@@ -241,6 +265,7 @@ class Kernel:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._indexes: dict[str, int] = {}  # shared by the workers: see Worker.cached_index
 
     async def run(self, fn: Callable[[Worker], T]) -> T:
         """Run `fn(worker)` on a kernel thread and return its result (or raise its error).
@@ -297,7 +322,9 @@ class Kernel:
                 pyroute2_netns.setns(self.netns, flags=0)
             from pyroute2 import IPRoute
 
-            worker = Worker(IPRoute(ext_ack=True))
+            # pyroute2 sets its own loggers' levels when imported; keep them quiet.
+            logging.getLogger("pyroute2").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+            worker = Worker(IPRoute(ext_ack=True), self._indexes)
         except BaseException as exc:  # reported to the caller of _start
             ready.put(exc)
             return

@@ -84,6 +84,7 @@ class Plugin:
         self.state_dir = workdir / "state"
         self.log = workdir / "netplug.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log_level = "debug"
 
     @property
     def exe(self) -> str:
@@ -106,7 +107,7 @@ class Plugin:
                     "--state-dir",
                     str(self.state_dir),
                     "--log-level",
-                    "debug",
+                    self.log_level,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -335,3 +335,34 @@ def test_bridge_name_in_use_and_bad_input_leave_nothing(plugin: Plugin) -> None:
     assert len(netplug_links(plugin.host)) == 0  # shared0 is not a generated name
     assert "shared0" in plugin.host.links()
     assert plugin.records() == [f"networks/{nid(10)}.json"]
+
+
+def test_masquerade_off_and_host_ip_binding(plugin: Plugin, topology: tuple[NetNS, NetNS]) -> None:
+    host, world = topology
+    net = Net(plugin, 12, "10.94.0.0/24", options={"masquerade": "false"})
+    # -p 127.0.0.1:18094:80 binds only the host's loopback address
+    ports = [
+        {
+            "Proto": 6,
+            "IP": "",
+            "Port": 80,
+            "HostIP": "127.0.0.1",
+            "HostPort": 18094,
+            "HostPortEnd": 18094,
+        }
+    ]
+    web, web_ep = net.run(ports)
+    server = tcp_server(web, 80)
+    try:
+        # no masquerade: the world sees the container's own address, so it needs a route back
+        assert not ping(web.ns, "10.254.0.2")
+        world.run("ip", "route", "add", "10.94.0.0/24", "via", "10.254.0.1")
+        assert ping(web.ns, "10.254.0.2")
+        assert tcp_get(host, "127.0.0.1", 18094).startswith("hello from 10.94.0.2")
+        assert tcp_get(world, "10.254.0.1", 18094).startswith("FAILED")
+    finally:
+        server.kill()
+        server.wait()
+    net.stop(web, web_ep)
+    net.delete()
+    assert_clean(plugin)

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from netplug.errors import NetplugError
 from tests.kernel import NetNS, Plugin, iptables_leftovers, netplug_links, nft_leftovers, ping
 from tests.test_kernel import PORTMAP, Net, assert_clean, tcp_get, tcp_server
 
@@ -177,7 +176,7 @@ def test_kill_9_at_random_points(plugin: Plugin) -> None:
         def drive(n: int = n, errors: list[BaseException] = errors) -> None:
             try:
                 lifecycle(plugin, n)
-            except (NetplugError, OSError) as exc:
+            except Exception as exc:  # the kill breaks calls in any way: EOF, reset, bad status
                 errors.append(exc)
 
         worker = threading.Thread(target=drive)
