@@ -25,6 +25,7 @@ from netplug.model import Endpoint, Network, PublishedPort
 from netplug.netlink import (
     BRIDGE_PREFIX,
     HOST_PREFIX,
+    IPV4_CONF_ROUTE_LOCALNET,
     OWNED_NAME,
     PEER_PREFIX,
     Worker,
@@ -274,7 +275,7 @@ def _ensure_bridge(w: Worker, network: Network, opts: BridgeOptions) -> None:
         write_sysctl(f"net/ipv6/conf/{name}/accept_ra", "0")
         write_sysctl("net/ipv6/conf/all/forwarding", "1")
     # 127.0.0.1:port on the host reaches published ports through this bridge.
-    write_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
+    w.set_ipv4_conf(name, IPV4_CONF_ROUTE_LOCALNET, 1)
     if not network.internal:
         write_sysctl("net/ipv4/ip_forward", "1")  # dockerd sets it too; a host may not have
     present = w.addresses(index)

@@ -7,8 +7,10 @@ Nothing is built at import time. `run` loads the records and makes the kernel ma
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
+from pathlib import Path
 
 import trio
 
@@ -40,30 +42,41 @@ async def run(
     """Serve until SIGTERM/SIGINT (or cancellation)."""
     from netplug.server import serve_socket
 
-    started = time.monotonic()
     driver = build(settings, registry)
     shutdown = trio.Event()
+    ready = trio.Event()
+    app = App(driver, ready=ready)
     try:
-        report = await driver.restore()
-        for key, items in report.items():
-            for item in items:
-                log.info("restore", extra={"fields": {key: item}})
-        log.info(
-            "state loaded",
-            extra={
-                "fields": {
-                    "networks": len(driver.store.networks),
-                    "endpoints": len(driver.store.endpoints),
-                    "ms": f"{(time.monotonic() - started) * 1e3:.1f}",
-                }
-            },
-        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, shutdown)
-            await nursery.start(serve_socket, App(driver), settings.socket, shutdown)
+            # Listen first: dockerd dials the socket 500 ms after starting the plugin and then
+            # waits 3 s before trying again. Calls that need state wait for `ready`.
+            await nursery.start(serve_socket, app, settings.socket, shutdown)
             log.info(
                 "listening",
-                extra={"fields": {"socket": settings.socket, "state": settings.state_dir}},
+                extra={
+                    "fields": {
+                        "socket": settings.socket,
+                        "ms_since_exec": f"{_ms_since_exec():.0f}",
+                    }
+                },
+            )
+            started = time.monotonic()
+            report = await driver.restore()
+            for key, items in report.items():
+                for item in items:
+                    log.info("restore", extra={"fields": {key: item}})
+            ready.set()
+            log.info(
+                "ready",
+                extra={
+                    "fields": {
+                        "networks": len(driver.store.networks),
+                        "endpoints": len(driver.store.endpoints),
+                        "restore_ms": f"{(time.monotonic() - started) * 1e3:.1f}",
+                        "state": settings.state_dir,
+                    }
+                },
             )
             task_status.started(driver)
             await shutdown.wait()
@@ -71,6 +84,16 @@ async def run(
         log.info("stopped")
     finally:
         driver.registry.context.close()
+
+
+def _ms_since_exec() -> float:
+    """Milliseconds since this process was created (10 ms resolution)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return (uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")) * 1e3
+    except (OSError, ValueError, IndexError):
+        return -1.0
 
 
 async def _watch_signals(shutdown: trio.Event) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import msgspec
+import trio
 
 from netplug import protocol as p
 from netplug.driver import Driver
@@ -31,6 +32,7 @@ CONTENT_TYPE = b"application/vnd.docker.plugins.v1+json"
 Handler = Callable[[Any], Awaitable[Any]]
 
 _encoder = msgspec.json.Encoder()
+_STATIC = frozenset({"/Plugin.Activate", "/NetworkDriver.GetCapabilities"})
 _EMPTY = b"{}"
 
 
@@ -103,9 +105,14 @@ def routes(driver: Driver) -> dict[str, Route]:
 class App:
     """The ASGI callable served on the plugin socket."""
 
-    def __init__(self, driver: Driver, *, max_body: int = MAX_BODY) -> None:
+    def __init__(
+        self, driver: Driver, *, max_body: int = MAX_BODY, ready: trio.Event | None = None
+    ) -> None:
         self.routes = routes(driver)
         self.max_body = max_body
+        # Set once the driver has restored its state; until then calls that need it wait
+        # (the static Activate and GetCapabilities answer at once).
+        self.ready = ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -132,6 +139,8 @@ class App:
             await _reply(send, status, _error(message))
             log.warning("call", extra={"call": call, "fields": {"status": status, "err": message}})
             return
+        if self.ready is not None and path not in _STATIC and not self.ready.is_set():
+            await self.ready.wait()
         started = time.perf_counter()
         status, body, request = 200, _EMPTY, None
         try:

@@ -182,7 +182,13 @@ def _network_commands(net: NetworkRules) -> str:
     if net.internal:
         outof = [f"oifname != {b} drop"]
     else:
-        outof = ['oifname { "docker0", "br-*" } drop', "accept"]
+        # replies (a published port reached from Docker's bridge) pass; new connections to
+        # Docker's own bridges do not
+        outof = [
+            "ct state established,related accept",
+            'oifname { "docker0", "br-*" } drop',
+            "accept",
+        ]
     nat_into = ["ip saddr 127.0.0.0/8 masquerade"]
     nat_into += [f"ct status dnat ip saddr {p} masquerade" for p in net.pools4]
     nat_into += [f"ct status dnat ip6 saddr {p} masquerade" for p in net.pools6]

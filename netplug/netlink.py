@@ -17,8 +17,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import queue
 import re
+import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -170,6 +173,32 @@ class Worker:
         with kernel_errors(f"configuring link {name}"):
             self.ipr.link("set", index=self.index(name), **attrs)
 
+    def set_ipv4_conf(self, name: str, key: int, value: int) -> None:
+        """Set one per-interface IPv4 setting (`net.ipv4.conf.<name>.*`) through netlink.
+
+        Inside a managed plugin /proc/sys is read-only, but RTM_SETLINK with
+        IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF sets the same values with CAP_NET_ADMIN alone.
+        pyroute2 decodes that attribute but cannot encode it, so the message is built here.
+        """
+        index = self.index(name)
+
+        def nla(kind: int, payload: bytes) -> bytes:
+            length = 4 + len(payload)
+            return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+        conf = nla(key, struct.pack("=I", value))
+        body = nla(_IFLA_AF_SPEC | _NESTED, nla(socket.AF_INET | _NESTED, nla(1 | _NESTED, conf)))
+        message = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + body
+        header = struct.pack("=IHHII", 16 + len(message), _RTM_SETLINK, 0x1 | 0x4, 1, 0)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+            sock.send(header + message)
+            reply = sock.recv(4096)
+        code = -struct.unpack("=i", reply[16:20])[0]
+        if code:
+            raise KernelError(
+                f"setting ipv4 conf {key}={value} on {name}: {os.strerror(code)} (errno {code})"
+            )
+
     def set_bridge_port(self, name: str, **attrs: int) -> None:
         """Bridge-port flags (IFLA_BRPORT_*): mode=1 is hairpin, isolated=1 port isolation."""
         with kernel_errors(f"configuring bridge port {name}"):
@@ -226,6 +255,12 @@ def _link_of(msg: Any) -> Link:
         mac=str(msg.get("IFLA_ADDRESS") or ""),
         up=bool(msg["flags"] & 1),
     )
+
+
+_RTM_SETLINK = 19
+_IFLA_AF_SPEC = 26
+_NESTED = 0x8000
+IPV4_CONF_ROUTE_LOCALNET = 26  # IPV4_DEVCONF_ROUTE_LOCALNET in linux/ip.h
 
 
 def write_sysctl(path: str, value: str) -> bool:
