@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Debian packages the tests and the demo use: the kernel tools and a ping.
 DEB_PACKAGES := nftables libnftables1 iptables iproute2 iputils-ping curl procps python3-venv
 
-.PHONY: all test lint typecheck pytest demo deps system-deps clean
+.PHONY: all test lint typecheck pytest demo demo-netns plugin deps system-deps clean
 
 all: test
 
@@ -39,8 +39,18 @@ pytest: deps
 
 test: lint typecheck pytest
 
+# The Docker walkthrough: build, registry, dockerd, install, network, containers, cleanup.
 demo: deps
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m tests.demo_docker
+
+# The same on bare namespaces, playing dockerd's part over the socket (no Docker needed).
+demo-netns: deps
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m tests.demo
 
+# ./plugin (config.json + rootfs/) from the Dockerfile; BASE_IMAGE=<ref> to build on a
+# registry image instead of the local debootstrap base.
+plugin: deps
+	$(BIN)/python -m tests.dockerenv plugin
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build plugin *.egg-info

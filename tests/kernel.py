@@ -122,7 +122,7 @@ class Plugin:
             if self.proc.poll() is not None:
                 raise AssertionError(f"netplug exited {self.proc.returncode}:\n{self.logs()}")
             try:
-                call(self.socket, "/NetworkDriver.GetCapabilities", timeout=2)
+                call(self.socket, "/Netplug.Status", timeout=30)  # waits for the restore
                 return
             except OSError:
                 time.sleep(0.02)

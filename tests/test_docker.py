@@ -223,12 +223,14 @@ def test_install_prompt_and_privileges(env: Env) -> None:
 
 def test_containers_nat_ports_mtu(env: Env) -> None:
     net = net_create(env, "app", 1, "-o", "mtu=1400")
-    run_d(env, "web", "--network", net, "-p", "8080:80", "-p", "5353:53/udp", *HTTPD)
+    run_d(env, "web", "--network", net, "-p", "8080:80", *HTTPD)
     run_d(
         env,
         "udp",
         "--network",
         net,
+        "-p",
+        "5353:53/udp",
         "busybox",
         "sh",
         "-c",
@@ -247,6 +249,9 @@ def test_containers_nat_ports_mtu(env: Env) -> None:
     assert "hello from netplug" in env.host("curl", "-s", "-m5", "http://127.0.0.1:8080/").stdout
     assert "hello from netplug" in env.world("curl", "-s", "-m5", "http://10.254.0.1:8080/").stdout
     assert "hello from netplug" in env.docker(*client, *http_get("10.254.0.1", 8080)).stdout
+    # UDP: a datagram from another host is answered through the published port
+    udp = env.world("sh", "-c", "echo ping | busybox nc -u -w 2 10.254.0.1 5353").stdout
+    assert "pong" in udp
     # a container on Docker's own bridge reaches it through the host's address too
     bridge_client = ["run", "--rm", "--label", "netplug-test", "busybox"]
     assert "hello from netplug" in env.docker(*bridge_client, *http_get("10.254.0.1", 8080)).stdout
