@@ -1,7 +1,8 @@
-"""The composition root: build everything, restore state, listen, stop cleanly.
+"""The composition root: build everything, listen, restore state, stop cleanly.
 
-Nothing is built at import time. `run` loads the records and makes the kernel match them
-*before* the socket opens, so dockerd never reaches a plugin that has forgotten a network.
+Nothing is built at import time. `run` opens the socket first (dockerd dials it 500 ms after
+starting the plugin), then loads the records and makes the kernel match them; until that is done
+every call that needs state waits, so dockerd never reaches a plugin that has forgotten a network.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ async def run(
     shutdown = trio.Event()
     ready = trio.Event()
     app = App(driver, ready=ready)
+    failure: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, shutdown)
@@ -62,13 +64,21 @@ async def run(
                 },
             )
             started = time.monotonic()
-            report = await driver.restore()
+            try:
+                report = await driver.restore()
+            except Exception as exc:
+                log.exception("restore failed: netplug cannot serve; fix the cause and restart it")
+                failure = exc
+                report = {}
+                shutdown.set()
             for key, items in report.items():
                 for item in items:
                     log.info("restore", extra={"fields": {key: item}})
-            ready.set()
-            log.info(
-                "ready",
+            if failure is None:
+                ready.set()
+            log.log(
+                logging.ERROR if failure else logging.INFO,
+                "ready" if failure is None else "stopping after a failed restore",
                 extra={
                     "fields": {
                         "networks": len(driver.store.networks),
@@ -84,6 +94,8 @@ async def run(
         log.info("stopped")
     finally:
         driver.registry.context.close()
+    if failure is not None:
+        raise failure
 
 
 def _ms_since_exec() -> float:

@@ -591,7 +591,7 @@ class Driver:
     # --- start, repair, status -------------------------------------------------------------
 
     async def restore(self) -> dict[str, list[str]]:
-        """Bring records and kernel in line, before the socket opens."""
+        """Bring records and kernel in line, before any call that needs state is served."""
         report: dict[str, list[str]] = defaultdict(list)
         report["problems"] += await trio.to_thread.run_sync(self.store.load)
         store = self.store

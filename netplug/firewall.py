@@ -245,12 +245,26 @@ class Firewall:
 
     async def add_network(self, net: NetworkRules) -> None:
         text = _network_commands(net)
-        await self.kernel.run(lambda w: _nft(w).run(text))
+
+        def add(w: Worker) -> None:
+            nft = _nft(w)
+            if not _table_exists(nft):  # the first network: the table comes with it
+                nft.run(_SKELETON)
+            nft.run(text)
+
+        await self.kernel.run(add)
         await self.kernel.run(lambda w: iptables_accept(net.bridge, add=True))
 
     async def remove_network(self, net_key: str, bridge: str) -> None:
         cmds = _remove_network_commands(net_key, bridge)
-        await self.kernel.run(lambda w: _run_tolerant(_nft(w), cmds))
+
+        def remove(w: Worker) -> None:
+            nft = _nft(w)
+            _run_tolerant(nft, cmds)
+            if _table_exists(nft) and _table_unused(nft):  # the last network: no table left
+                _run_tolerant(nft, [f"delete table inet {TABLE}"])
+
+        await self.kernel.run(remove)
         await self.kernel.run(lambda w: iptables_accept(bridge, add=False))
 
     async def publish(self, ports: list[PublishedPort]) -> None:
@@ -264,18 +278,16 @@ class Firewall:
             await self.kernel.run(lambda w: _run_tolerant(_nft(w), cmds))
 
     async def rebuild(self, networks: list[NetworkRules], ports: list[PublishedPort]) -> None:
-        """Replace the whole table in one transaction, from netplug's records."""
-        text = f"add table inet {TABLE}\ndelete table inet {TABLE}\n" + _SKELETON
+        """Replace the whole table in one transaction, from netplug's records (no networks:
+        no table)."""
+        text = f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+        if networks or ports:
+            text += _SKELETON
         text += "".join(_network_commands(net) for net in networks)
         text += "".join(line + "\n" for line in _port_commands(ports, "add"))
         await self.kernel.run(lambda w: _nft(w).run(text))
         bridges = {net.bridge for net in networks}
         await self.kernel.run(lambda w: iptables_sync(bridges))
-
-    async def delete_table(self) -> None:
-        text = f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
-        await self.kernel.run(lambda w: _nft(w).run(text))
-        await self.kernel.run(lambda w: iptables_sync(set()))
 
     async def dump(self) -> dict[str, Any]:
         """The table as nftables JSON (empty when it does not exist)."""
@@ -289,6 +301,20 @@ class Firewall:
             return data
 
         return await self.kernel.run(list_table)
+
+
+def _table_exists(nft: Nft) -> bool:
+    try:
+        nft.run(f"list table inet {TABLE}")
+    except FirewallError:
+        return False
+    return True
+
+
+def _table_unused(nft: Nft) -> bool:
+    """No network and no published port left in the table."""
+    data = json.loads(nft.run(f"list table inet {TABLE}"))
+    return not any(item["map"].get("elem") for item in data.get("nftables", []) if "map" in item)
 
 
 def _run_tolerant(nft: Nft, cmds: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""`make demo`: a walk through netplug on real netlink, in namespaces it creates and deletes.
+"""`make demo-netns`: a walk through netplug on real netlink, in namespaces it creates and deletes.
 
 It plays dockerd's part: it sends the calls `docker network create`, `docker run -p` and
 `docker stop` cause, over the plugin socket, and moves each container's interface into a

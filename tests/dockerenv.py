@@ -274,6 +274,11 @@ def busybox_image(engine: Dockerd) -> None:
         engine.docker("import", "-c", 'CMD ["sh"]', str(root / "image.tar"), "busybox:latest")
 
 
+def python_image() -> str:
+    """An image with python3 in it (the plugin's base), for test servers busybox cannot be."""
+    return os.environ.get("BASE_IMAGE") or BASE_TAG
+
+
 def base_image(engine: Dockerd) -> str:
     """A Debian base with Python for the plugin, made with debootstrap once and cached."""
     given = os.environ.get("BASE_IMAGE")

@@ -18,6 +18,7 @@ from tests.kernel import (
     iptables_leftovers,
     netplug_links,
     nft_leftovers,
+    nft_table,
     nid,
     ping,
 )
@@ -107,6 +108,7 @@ def assert_clean(plugin: Plugin) -> None:
     host = plugin.host
     assert netplug_links(host) == []
     assert nft_leftovers(host) == []
+    assert nft_table(host) == {}  # with no network left, netplug's table goes too
     assert iptables_leftovers(host) == []
     assert plugin.records() == []
     status = plugin.call("/Netplug.Status")
