@@ -32,6 +32,7 @@ lint: deps
 	$(BIN)/ruff check .
 
 typecheck: deps
+	@mkdir -p build/typing && ln -sfn ../../backends build/typing/netplug_backends
 	$(BIN)/mypy
 
 pytest: deps

@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--socket", help=f"default {config.DEFAULT_SOCKET} ($NETPLUG_SOCKET)")
         if name == "status":
             cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    bench = sub.add_parser("bench", help="benchmark the hot paths (see bench/README.md)")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
+    bench.add_argument("--quick", action="store_true", help="small counts; under a minute")
+    bench.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    bench.add_argument("--compare", type=Path, metavar="FILE", help="ratios against a report")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -76,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            from netplug import benchrun
+
+            return benchrun.run_bench(args.only, args.quick, args.json, args.compare)
         settings = config.load(socket=args.socket)
         if args.command == "status":
             data = call(settings.socket, "/Netplug.Status")

@@ -125,6 +125,7 @@ class Driver:
         self._network_lock = trio.Lock()
         self._port_lock = trio.Lock()
         self._endpoint_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._creating: dict[str, Endpoint] = {}  # endpoints whose links are being made
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -343,7 +344,7 @@ class Driver:
 
     def _check_names(self, ep: Endpoint) -> None:
         mine = set(ep.links.values())
-        for other in self.store.endpoints.values():
+        for other in [*self.store.endpoints.values(), *self._creating.values()]:
             if other.id != ep.id and mine & set(other.links.values()):
                 raise Conflict(
                     f"endpoint {ep.id[:12]}: its interface names {sorted(mine)} collide with "
@@ -351,9 +352,14 @@ class Driver:
                 )
 
     async def _create_endpoint(self, net: Network, ep: Endpoint, backend: Backend) -> None:
-        await self.store.save(ep)
+        # One write, after the kernel work. A crash before it leaves links that carry
+        # netplug's names but no record: the garbage collection at start removes them, and
+        # `_creating` keeps a collection at run time from taking them meanwhile.
+        self._creating[ep.id] = ep
         try:
             await backend.create_endpoint(net, ep)
+            ep.state = "ready"
+            await self.store.save(ep)
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
@@ -362,8 +368,8 @@ class Driver:
                 except Exception:
                     log.exception("rollback of endpoint %s failed", ep.id[:12])
             raise
-        ep.state = "ready"
-        await self.store.save(ep)
+        finally:
+            del self._creating[ep.id]
         log.info(
             "endpoint created",
             extra={"network": net.id, "endpoint": ep.id, "fields": dict(ep.links)},
@@ -405,9 +411,9 @@ class Driver:
             await self._shielded(lambda: self._delete_endpoint(net, ep, backend))
 
     async def _delete_endpoint(self, net: Network, ep: Endpoint, backend: Backend) -> None:
-        ep.state = "deleting"
-        await self.store.save(ep)
-        await self._unpublish(net, ep, backend)
+        # Kernel first, record last: a crash in between leaves a record whose links are gone,
+        # which the next start drops (or a retried DeleteEndpoint finishes).
+        await self._unpublish(net, ep, backend, save=False)
         await backend.delete_endpoint(net, ep)
         await self.store.remove(ep)
 
@@ -566,13 +572,16 @@ class Driver:
         async with self._endpoint_lock(ep.id):
             await self._shielded(lambda: self._unpublish(net, ep, self._backend(net)))
 
-    async def _unpublish(self, net: Network, ep: Endpoint, backend: Backend) -> None:
+    async def _unpublish(
+        self, net: Network, ep: Endpoint, backend: Backend, *, save: bool = True
+    ) -> None:
         if not ep.ports:
             return
         async with self._maybe_port_lock():
             ports, ep.ports = ep.ports, []
             await backend.unpublish(net, ep, ports)
-            await self.store.save(ep)
+            if save:
+                await self.store.save(ep)
         log.info(
             "ports unpublished",
             extra={
@@ -635,9 +644,11 @@ class Driver:
         return {name: self.registry.get(name) for name in sorted(names)}
 
     def _records(self, backend: str) -> tuple[list[Network], list[Endpoint]]:
+        """The backend's networks and endpoints, endpoints being created included."""
         nets = [n for n in self.store.networks.values() if n.backend == backend]
         ids = {n.id for n in nets}
-        return nets, [e for e in self.store.endpoints.values() if e.network_id in ids]
+        endpoints = [*self.store.endpoints.values(), *self._creating.values()]
+        return nets, [e for e in endpoints if e.network_id in ids]
 
     async def collect_garbage(self) -> list[str]:
         collected: list[str] = []
