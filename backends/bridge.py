@@ -117,7 +117,7 @@ class BridgeBackend:
         bridge = network.links.get("bridge")
         if not bridge:
             return
-        await self.context.firewall.remove_network(network.id[:12], bridge)
+        await self.context.firewall.remove_network(network.id[:12], bridge, ipv6=bool(network.ipv6))
 
         def remove(w: Worker) -> None:
             w.forget(bridge)

@@ -75,6 +75,7 @@ async def run(
                 for item in items:
                     log.info("restore", extra={"fields": {key: item}})
             if failure is None:
+                driver.run_in_background(nursery)
                 ready.set()
             log.log(
                 logging.ERROR if failure else logging.INFO,

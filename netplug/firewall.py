@@ -16,7 +16,7 @@ Packets on a netplug bridge:
   (a container reaching a published port of its own network) and 127.0.0.1 clients.
 
 dockerd's iptables set the FORWARD policy to DROP. A packet accepted here still has to pass that
-chain, so `iptables_accept` adds one accept rule per direction and bridge to iptables' FORWARD
+chain, so `iptables_add` puts one accept rule per direction and bridge in iptables' FORWARD
 (through the host's own `iptables` binary, so iptables-nft and iptables-legacy both work); the
 filtering that matters stays in this table.
 """
@@ -253,9 +253,9 @@ class Firewall:
             nft.run(text)
 
         await self.kernel.run(add)
-        await self.kernel.run(lambda w: iptables_accept(net.bridge, add=True))
+        await self.kernel.run(lambda w: iptables_add(net.bridge, ipv6=bool(net.pools6)))
 
-    async def remove_network(self, net_key: str, bridge: str) -> None:
+    async def remove_network(self, net_key: str, bridge: str, *, ipv6: bool = True) -> None:
         cmds = _remove_network_commands(net_key, bridge)
 
         def remove(w: Worker) -> None:
@@ -265,7 +265,7 @@ class Firewall:
                 _run_tolerant(nft, [f"delete table inet {TABLE}"])
 
         await self.kernel.run(remove)
-        await self.kernel.run(lambda w: iptables_accept(bridge, add=False))
+        await self.kernel.run(lambda w: iptables_remove(bridge, ipv6=ipv6))
 
     async def publish(self, ports: list[PublishedPort]) -> None:
         if ports:
@@ -286,8 +286,9 @@ class Firewall:
         text += "".join(_network_commands(net) for net in networks)
         text += "".join(line + "\n" for line in _port_commands(ports, "add"))
         await self.kernel.run(lambda w: _nft(w).run(text))
-        bridges = {net.bridge for net in networks}
-        await self.kernel.run(lambda w: iptables_sync(bridges))
+        bridges4 = {net.bridge for net in networks}
+        bridges6 = {net.bridge for net in networks if net.pools6}
+        await self.kernel.run(lambda w: iptables_sync(bridges4, bridges6))
 
     async def dump(self) -> dict[str, Any]:
         """The table as nftables JSON (empty when it does not exist)."""
@@ -333,56 +334,90 @@ def _run_tolerant(nft: Nft, cmds: list[str]) -> None:
 
 
 # --- iptables FORWARD accept rules (coexistence with dockerd's policy DROP) -----------------
+#
+# Per binary one listing (`-S FORWARD`) and at most one `*-restore --noflush` with all changes:
+# two execs instead of one per rule. ip6tables only for networks with IPv6 subnets (without them
+# no IPv6 is forwarded through the bridge).
 
 _IPTABLES = ("iptables", "ip6tables")
 
 
-def _iptables(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _iptables(
+    binary: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [binary, "-w", "5", *args], capture_output=True, text=True, check=False, timeout=30
+        [binary, "-w", "5", *args] if not binary.endswith("-restore") else [binary, *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        check=False,
+        timeout=30,
     )
 
 
-def _accept_rules(bridge: str) -> list[list[str]]:
-    common = ["-m", "comment", "--comment", COMMENT, "-j", "ACCEPT"]
-    return [["-i", bridge, *common], ["-o", bridge, *common]]
+def _accept_rules(bridge: str) -> list[str]:
+    common = f"-m comment --comment {COMMENT} -j ACCEPT"
+    return [f"-A FORWARD -i {bridge} {common}", f"-A FORWARD -o {bridge} {common}"]
 
 
-def iptables_accept(bridge: str, *, add: bool) -> None:
-    for binary in _IPTABLES:
-        if shutil.which(binary) is None:
+def _ours(listing: str) -> dict[str, str]:
+    """netplug's rules in a `-S FORWARD` listing: rule text -> bridge."""
+    found = {}
+    for line in listing.splitlines():
+        words = line.split()
+        if COMMENT not in words or "--comment" not in words:
             continue
-        for rule in _accept_rules(bridge):
-            present = _iptables(binary, "-C", "FORWARD", *rule).returncode == 0
-            if add and not present:
-                result = _iptables(binary, "-I", "FORWARD", *rule)
-            elif not add and present:
-                result = _iptables(binary, "-D", "FORWARD", *rule)
-            else:
-                continue
-            if result.returncode != 0:
-                log.warning("%s FORWARD %s: %s", binary, " ".join(rule), result.stderr.strip())
+        flag = "-i" if "-i" in words else "-o"
+        if flag in words:
+            found[line.strip()] = words[words.index(flag) + 1]
+    return found
 
 
-def iptables_sync(bridges: set[str]) -> None:
-    """Ensure the accept rules of `bridges` exist and no other netplug rule remains."""
-    for binary in _IPTABLES:
-        if shutil.which(binary) is None:
-            continue
-        listing = _iptables(binary, "-S", "FORWARD")
-        if listing.returncode != 0:
-            continue
-        for line in listing.stdout.splitlines():
-            if f"--comment {COMMENT} " not in line and not line.endswith(f"--comment {COMMENT}"):
-                continue
-            words = line.split()
-            bridge = words[words.index("-i") + 1] if "-i" in words else None
-            if bridge is None and "-o" in words:
-                bridge = words[words.index("-o") + 1]
-            if bridge not in bridges:
-                _iptables(binary, "-D", *words[1:])
-    for bridge in bridges:
-        iptables_accept(bridge, add=True)
+def _iptables_change(
+    binary: str, *, add: set[str], keep_only: set[str] | None = None, remove: set[str] | None = None
+) -> None:
+    """Add the accept rules of the `add` bridges; remove those of `remove`, or (with
+    `keep_only`) every netplug rule whose bridge is not in it."""
+    if shutil.which(binary) is None:
+        return
+    listing = _iptables(binary, "-S", "FORWARD")
+    if listing.returncode != 0:
+        log.warning("%s -S FORWARD: %s", binary, listing.stderr.strip())
+        return
+    present = _ours(listing.stdout)
+    lines = []
+    for rule, bridge in present.items():
+        gone = (remove is not None and bridge in remove) or (
+            keep_only is not None and bridge not in keep_only
+        )
+        if gone:
+            lines.append("-D" + rule[2:])
+    for bridge in sorted(add):
+        lines += ["-I" + rule[2:] for rule in _accept_rules(bridge) if rule not in present]
+    if not lines:
+        return
+    text = "*filter\n" + "\n".join(lines) + "\nCOMMIT\n"
+    result = _iptables(f"{binary}-restore", "--noflush", "-w", "5", stdin=text)
+    if result.returncode != 0:
+        log.warning("%s-restore: %s", binary, result.stderr.strip())
+
+
+def iptables_add(bridge: str, *, ipv6: bool) -> None:
+    _iptables_change("iptables", add={bridge})
+    if ipv6:
+        _iptables_change("ip6tables", add={bridge})
+
+
+def iptables_remove(bridge: str, *, ipv6: bool) -> None:
+    _iptables_change("iptables", add=set(), remove={bridge})
+    if ipv6:
+        _iptables_change("ip6tables", add=set(), remove={bridge})
+
+
+def iptables_sync(bridges4: set[str], bridges6: set[str]) -> None:
+    """Exactly the accept rules of these bridges, and no other netplug rule."""
+    _iptables_change("iptables", add=bridges4, keep_only=bridges4)
+    _iptables_change("ip6tables", add=bridges6, keep_only=bridges6)
 
 
 def iptables_rules() -> list[str]:
@@ -392,5 +427,5 @@ def iptables_rules() -> list[str]:
         if shutil.which(binary) is None:
             continue
         listing = _iptables(binary, "-S", "FORWARD")
-        found += [f"{binary} {line}" for line in listing.stdout.splitlines() if COMMENT in line]
+        found += [f"{binary} {line}" for line in _ours(listing.stdout)]
     return found
