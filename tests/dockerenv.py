@@ -84,8 +84,37 @@ def free_port() -> int:
     return random.randint(20000, 45000)
 
 
+class ExistingEngine:
+    """A dockerd the user already runs (DOCKER_HOST), for `make plugin BASE_IMAGE=...`."""
+
+    cli = "docker"
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def docker(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return run(
+            self.cli,
+            "-H",
+            self.host,
+            *args,
+            check=check,
+            input=input,
+            timeout=timeout,
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        )
+
+
 class Dockerd:
     """dockerd in its own network namespace and roots."""
+
+    cli = DOCKER
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -279,7 +308,7 @@ def python_image() -> str:
     return os.environ.get("BASE_IMAGE") or BASE_TAG
 
 
-def base_image(engine: Dockerd) -> str:
+def base_image(engine: Dockerd | ExistingEngine) -> str:
     """A Debian base with Python for the plugin, made with debootstrap once and cached."""
     given = os.environ.get("BASE_IMAGE")
     if given:
@@ -337,7 +366,7 @@ def _mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def wheelhouse(engine: Dockerd, base: str, dest: Path) -> None:
+def wheelhouse(engine: Dockerd | ExistingEngine, base: str, dest: Path) -> None:
     """netplug's wheel and its dependencies for the base image's Python, downloaded here."""
     probe = engine.docker(
         "run",
@@ -388,7 +417,7 @@ def _requirements() -> list[str]:
     return deps
 
 
-def build_plugin(engine: Dockerd, out: Path = ROOT / "plugin") -> dict[str, float]:
+def build_plugin(engine: Dockerd | ExistingEngine, out: Path = ROOT / "plugin") -> dict[str, float]:
     """Dockerfile -> rootfs + config.json in `out`. Returns timings (seconds)."""
     timings: dict[str, float] = {}
     t = time.monotonic()
@@ -419,7 +448,7 @@ def build_plugin(engine: Dockerd, out: Path = ROOT / "plugin") -> dict[str, floa
     cid = engine.docker("create", "netplug-rootfs:build").stdout.strip()
     try:
         with subprocess.Popen(
-            [DOCKER, "-H", f"unix://{engine.socket}", "export", cid], stdout=subprocess.PIPE
+            [engine.cli, "-H", engine.host, "export", cid], stdout=subprocess.PIPE
         ) as export:
             run("tar", "-x", "-C", str(out / "rootfs"), stdin=export.stdout)
             export.wait(120)
@@ -483,13 +512,17 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tests.dockerenv plugin", file=sys.stderr)
         return 2
     ensure_packages()
-    root = Path(tempfile.mkdtemp(prefix="netplug-build-", dir="/tmp"))
-    engine = Dockerd(root)
-    try:
-        engine.start()
-        timings = build_plugin(engine)
-    finally:
-        engine.destroy()
+    if os.environ.get("BASE_IMAGE") and os.environ.get("DOCKER_HOST"):
+        # A registry base needs an engine that reaches the registry: the user's own.
+        timings = build_plugin(ExistingEngine(os.environ["DOCKER_HOST"]))
+    else:
+        root = Path(tempfile.mkdtemp(prefix="netplug-build-", dir="/tmp"))
+        engine = Dockerd(root)
+        try:
+            engine.start()
+            timings = build_plugin(engine)
+        finally:
+            engine.destroy()
     size = run("du", "-sh", str(ROOT / "plugin" / "rootfs")).stdout.split()[0]
     for step, seconds in timings.items():
         print(f"{step:>16}: {seconds:6.1f} s")
