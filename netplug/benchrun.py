@@ -69,6 +69,16 @@ GO_HEADERS = (
 )
 
 
+PORT_18080 = {  # -p 18080:80, as dockerd sends it
+    "Proto": 6,
+    "IP": "",
+    "Port": 80,
+    "HostIP": "",
+    "HostPort": 18080,
+    "HostPortEnd": 18080,
+}
+
+
 def _endpoint_id(n: int) -> str:
     return f"{n:012x}" + "e" * 52  # interface names come from the first 12 hex digits
 
@@ -102,16 +112,7 @@ BODIES: dict[str, tuple[type[msgspec.Struct], dict[str, Any], msgspec.Struct | N
             "Interface": {"Address": "10.201.0.2/16", "AddressIPv6": "", "MacAddress": ""},
             "Options": {
                 "com.docker.network.endpoint.exposedports": [{"Proto": 6, "Port": 80}],
-                "com.docker.network.portmap": [
-                    {
-                        "Proto": 6,
-                        "IP": "",
-                        "Port": 80,
-                        "HostIP": "",
-                        "HostPort": 18080,
-                        "HostPortEnd": 18080,
-                    }
-                ],
+                "com.docker.network.portmap": [PORT_18080],
             },
         },
         p.CreateEndpointResponse(
@@ -673,18 +674,7 @@ def bench_network(run: Run) -> None:
         await driver.restore()
         create, delete, publish, unpublish = [], [], [], []
         request = _create_network_request()
-        portmap = msgspec.json.encode(
-            [
-                {
-                    "Proto": 6,
-                    "IP": "",
-                    "Port": 80,
-                    "HostIP": "",
-                    "HostPort": 18080,
-                    "HostPortEnd": 18080,
-                }
-            ]
-        )
+        portmap = msgspec.json.encode([PORT_18080])
         for i in range(reps):
             t = time.perf_counter()
             await driver.create_network(request)

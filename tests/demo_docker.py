@@ -52,18 +52,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="netplug-demo-", dir="/tmp"))
     with dockerenv.engine_with_registry(root) as (engine, registry):
         demo = Demo(engine)
-        world = f"{engine.netns}w"
-        dockerenv.run("ip", "netns", "add", world)
-        try:
-            engine.ns("ip", "link", "add", "up0", "type", "veth", "peer", "name", "wan0")
-            engine.ns("ip", "link", "set", "wan0", "netns", world)
-            engine.ns("ip", "addr", "add", "10.254.0.1/24", "dev", "up0")
-            engine.ns("ip", "link", "set", "up0", "up")
-            for cmd in (
-                ("ip", "addr", "add", "10.254.0.2/24", "dev", "wan0"),
-                ("ip", "link", "set", "wan0", "up"),
-            ):
-                dockerenv.run("ip", "netns", "exec", world, *cmd)
+        with dockerenv.world(engine) as world:
             print(
                 f"dockerd {engine.docker('version', '-f', '{{.Server.Version}}').stdout.strip()}"
                 f" runs in namespace {engine.netns} with its own roots under {root};"
@@ -210,8 +199,6 @@ def main() -> int:
             demo.docker("plugin", "rm", ref)
             if left or records:
                 raise SystemExit("demo failed: something was left behind")
-        finally:
-            dockerenv.run("ip", "netns", "del", world, check=False)
     print(
         f"\n{BOLD}demo finished: every step worked, and the engine, registry and namespaces "
         f"are gone{RESET}"

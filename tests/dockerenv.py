@@ -495,6 +495,29 @@ def plugin_pid(engine: Dockerd, ref: str) -> int:
 
 
 @contextlib.contextmanager
+def world(engine: Dockerd) -> Iterator[str]:
+    """A namespace that plays "the internet": 10.254.0.2, linked to the engine's namespace,
+    where the host's address is 10.254.0.1. It has no route to container subnets, so only
+    masqueraded traffic gets answers. Yields the namespace's name."""
+    name = f"{engine.netns}w"
+    run("ip", "netns", "add", name)
+    try:
+        engine.ns("ip", "link", "add", "up0", "type", "veth", "peer", "name", "wan0")
+        engine.ns("ip", "link", "set", "wan0", "netns", name)
+        engine.ns("ip", "addr", "add", "10.254.0.1/24", "dev", "up0")
+        engine.ns("ip", "link", "set", "up0", "up")
+        for cmd in (
+            ("ip", "link", "set", "lo", "up"),
+            ("ip", "addr", "add", "10.254.0.2/24", "dev", "wan0"),
+            ("ip", "link", "set", "wan0", "up"),
+        ):
+            run("ip", "netns", "exec", name, *cmd)
+        yield name
+    finally:
+        run("ip", "netns", "del", name, check=False)
+
+
+@contextlib.contextmanager
 def engine_with_registry(root: Path) -> Iterator[tuple[Dockerd, Registry]]:
     engine = Dockerd(root)
     registry = Registry(engine)

@@ -105,29 +105,17 @@ class Env:
 def env() -> Iterator[Env]:
     dockerenv.ensure_packages()
     root = Path(tempfile.mkdtemp(prefix="netplug-e2e-", dir="/tmp"))
-    with dockerenv.engine_with_registry(root) as (engine, registry):
-        world = f"{engine.netns}w"
-        dockerenv.run("ip", "netns", "add", world)
-        try:
-            engine.ns("ip", "link", "add", "up0", "type", "veth", "peer", "name", "wan0")
-            engine.ns("ip", "link", "set", "wan0", "netns", world)
-            engine.ns("ip", "addr", "add", "10.254.0.1/24", "dev", "up0")
-            engine.ns("ip", "link", "set", "up0", "up")
-            for cmd in (
-                ("ip", "link", "set", "lo", "up"),
-                ("ip", "addr", "add", "10.254.0.2/24", "dev", "wan0"),
-                ("ip", "link", "set", "wan0", "up"),
-            ):
-                dockerenv.run("ip", "netns", "exec", world, *cmd)
-            started = time.monotonic()
-            dockerenv.busybox_image(engine)
-            timings = dockerenv.build_plugin(engine, root / "plugin")
-            ref, install = dockerenv.install_plugin(engine, registry, root / "plugin")
-            timings.update(install)
-            timings["session setup"] = time.monotonic() - started
-            yield Env(engine, registry, ref, root / "plugin", timings)
-        finally:
-            dockerenv.run("ip", "netns", "del", world, check=False)
+    with (
+        dockerenv.engine_with_registry(root) as (engine, registry),
+        dockerenv.world(engine),
+    ):
+        started = time.monotonic()
+        dockerenv.busybox_image(engine)
+        timings = dockerenv.build_plugin(engine, root / "plugin")
+        ref, install = dockerenv.install_plugin(engine, registry, root / "plugin")
+        timings.update(install)
+        timings["session setup"] = time.monotonic() - started
+        yield Env(engine, registry, ref, root / "plugin", timings)
 
 
 @pytest.fixture(autouse=True)
