@@ -67,7 +67,15 @@ class NetNS:
         return {item["ifname"]: item for item in data}
 
     def delete(self) -> None:
-        sh("ip", "netns", "del", self.name, check=False)
+        # Under load `ip netns del` can fail while the last process of the namespace is still
+        # exiting; try again before giving up, so that no namespace outlives its test.
+        for _ in range(50):
+            if not Path(f"/run/netns/{self.name}").exists():
+                return
+            if sh("ip", "netns", "del", self.name, check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"namespace {self.name} could not be deleted")
 
 
 def ping(ns: NetNS, address: str, count: int = 1) -> bool:
@@ -235,6 +243,18 @@ def nft_leftovers(ns: NetNS) -> list[str]:
 def iptables_leftovers(ns: NetNS) -> list[str]:
     out = ns.run("iptables", "-S", "FORWARD").stdout + ns.run("ip6tables", "-S", "FORWARD").stdout
     return [line for line in out.splitlines() if "netplug" in line]
+
+
+def binding(host_port: int, *, port: int = 80, proto: int = 6, host_ip: str = "") -> dict[str, Any]:
+    """One `com.docker.network.portmap` entry, as dockerd sends it for `-p`."""
+    return {
+        "Proto": proto,
+        "IP": "",
+        "Port": port,
+        "HostIP": host_ip,
+        "HostPort": host_port,
+        "HostPortEnd": host_port,
+    }
 
 
 def nid(n: int) -> str:

@@ -14,6 +14,7 @@ from tests.kernel import (
     Container,
     NetNS,
     Plugin,
+    binding,
     eid,
     iptables_leftovers,
     netplug_links,
@@ -177,8 +178,8 @@ def test_containers_talk_nat_ports_and_cleanup(
     host, world = topology
     net = Net(plugin, 1, "10.77.0.0/24", options={"mtu": "1400"})
     ports = [
-        {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18080, "HostPortEnd": 18080},
-        {"Proto": 17, "IP": "", "Port": 53, "HostIP": "", "HostPort": 15353, "HostPortEnd": 15353},
+        binding(18080),
+        binding(15353, port=53, proto=17),
     ]
     web, web_ep = net.run(ports)
     client, client_ep = net.run()
@@ -227,9 +228,7 @@ def test_ports_removed_by_leave_and_delete_without_revoke(
 ) -> None:
     _, world = topology
     net = Net(plugin, 2, "10.78.0.0/24")
-    ports = [
-        {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18081, "HostPortEnd": 18081}
-    ]
+    ports = [binding(18081)]
     web, endpoint = net.run(ports)
     server = tcp_server(web, 80)
     try:
@@ -343,16 +342,7 @@ def test_masquerade_off_and_host_ip_binding(plugin: Plugin, topology: tuple[NetN
     host, world = topology
     net = Net(plugin, 12, "10.94.0.0/24", options={"masquerade": "false"})
     # -p 127.0.0.1:18094:80 binds only the host's loopback address
-    ports = [
-        {
-            "Proto": 6,
-            "IP": "",
-            "Port": 80,
-            "HostIP": "127.0.0.1",
-            "HostPort": 18094,
-            "HostPortEnd": 18094,
-        }
-    ]
+    ports = [binding(18094, host_ip="127.0.0.1")]
     web, web_ep = net.run(ports)
     server = tcp_server(web, 80)
     try:
@@ -373,9 +363,7 @@ def test_masquerade_off_and_host_ip_binding(plugin: Plugin, topology: tuple[NetN
 def test_icc_off_and_published_ports(plugin: Plugin, topology: tuple[NetNS, NetNS]) -> None:
     _, world = topology
     net = Net(plugin, 13, "10.95.0.0/24", options={"icc": "false"})
-    ports = [
-        {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18095, "HostPortEnd": 18095}
-    ]
+    ports = [binding(18095)]
     web, web_ep = net.run(ports)
     client, client_ep = net.run()
     server = tcp_server(web, 80)

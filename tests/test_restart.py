@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from tests.kernel import NetNS, Plugin, iptables_leftovers, netplug_links, nft_leftovers, ping
+from tests.kernel import (
+    NetNS,
+    Plugin,
+    binding,
+    iptables_leftovers,
+    netplug_links,
+    nft_leftovers,
+    ping,
+)
 from tests.test_kernel import PORTMAP, Net, assert_clean, tcp_get, tcp_server
 
 pytestmark = pytest.mark.kernel
@@ -26,9 +34,7 @@ def test_sigterm_stops_fast_and_state_survives(
 ) -> None:
     _, world = topology
     net = Net(plugin, 20, "10.90.0.0/24")
-    ports = [
-        {"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18090, "HostPortEnd": 18090}
-    ]
+    ports = [binding(18090)]
     web, web_ep = net.run(ports)
     client, client_ep = net.run()
     started = time.monotonic()
@@ -60,9 +66,7 @@ def test_sigterm_stops_fast_and_state_survives(
 def test_reboot_is_repaired_at_start(plugin: Plugin, topology: tuple[NetNS, NetNS]) -> None:
     host, world = topology
     net = Net(plugin, 21, "10.91.0.0/24", options={"mtu": "1400"})
-    old, _ = net.run(
-        [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18091, "HostPortEnd": 18091}]
-    )
+    old, _ = net.run([binding(18091)])
     assert plugin.stop() == 0
     # A reboot: containers and every kernel object are gone, the state directory is kept.
     old.delete()
@@ -81,9 +85,7 @@ def test_reboot_is_repaired_at_start(plugin: Plugin, topology: tuple[NetNS, NetN
     status = plugin.call("/Netplug.Status")
     assert status["endpoints"] == []
     # dockerd restarts containers with new endpoint IDs: the network works again.
-    web, web_ep = net.run(
-        [{"Proto": 6, "IP": "", "Port": 80, "HostIP": "", "HostPort": 18091, "HostPortEnd": 18091}]
-    )
+    web, web_ep = net.run([binding(18091)])
     client, client_ep = net.run()
     server = tcp_server(web, 80)
     try:
@@ -127,16 +129,7 @@ def lifecycle(plugin: Plugin, n: int, *, stop_after: int = 99) -> None:
     endpoint_id = f"{n:012x}" + "cd" * 26
     ids = {"NetworkID": network_id, "EndpointID": endpoint_id}
     third = n % 200 + 10
-    ports = [
-        {
-            "Proto": 6,
-            "IP": "",
-            "Port": 80,
-            "HostIP": "",
-            "HostPort": 20000 + n,
-            "HostPortEnd": 20000 + n,
-        }
-    ]
+    ports = [binding(20000 + n)]
     steps: list[tuple[str, dict[str, Any]]] = [
         (
             "CreateNetwork",
