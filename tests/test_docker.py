@@ -484,3 +484,18 @@ def test_host_reboot(env: Env) -> None:
         ).returncode
         == 0
     )
+
+
+def test_plugin_builds_on_a_registry_base_image(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make plugin BASE_IMAGE=<ref>`: the base comes from a registry (here the local one, with
+    the debootstrap base pushed to it) and the build runs with the engine's network."""
+    base = f"{env.registry.address}/netplug-base:test"
+    env.docker("tag", dockerenv.BASE_TAG, base)
+    env.docker("push", base, timeout=600)
+    env.docker("rmi", base)
+    monkeypatch.setenv("BASE_IMAGE", base)
+    out = env.engine.root / "plugin-from-registry"
+    dockerenv.build_plugin(env.engine, out)
+    assert env.docker("image", "inspect", base, check=False).returncode == 0  # it was pulled
+    assert (out / "rootfs/usr/local/bin/netplug").is_symlink()
+    assert json.loads((out / "config.json").read_text())["interface"]["socket"] == "netplug.sock"
