@@ -209,8 +209,7 @@ class BridgeBackend:
     async def collect_garbage(self, records: Records) -> list[str]:
         links = await self.context.kernel.run(lambda w: w.links())
         networks, endpoints = records()  # after listing: see Backend.collect_garbage
-        owned = {net.links.get("bridge") for net in networks}
-        owned |= {name for ep in endpoints for name in ep.links.values()}
+        owned = _owned_names(networks, endpoints)
         garbage = [link for link in links if OWNED_NAME.match(link.name) and link.name not in owned]
         garbage.sort(key=lambda link: link.kind == "bridge")  # veths before bridges
 
@@ -242,8 +241,7 @@ class BridgeBackend:
             host = ep.links.get("host", "")
             if host not in links:
                 drift.append(f"endpoint {ep.id[:12]}: veth {host} missing")
-        owned = {net.links.get("bridge") for net in networks}
-        owned |= {name for ep in endpoints for name in ep.links.values()}
+        owned = _owned_names(networks, endpoints)
         drift += [
             f"orphan {link.kind} {name} (netplug gc removes it)"
             for name, link in links.items()
@@ -254,6 +252,12 @@ class BridgeBackend:
             "nft_chains": sorted(chains),
             "drift": drift,
         }
+
+
+def _owned_names(networks: list[Network], endpoints: list[Endpoint]) -> set[str]:
+    """Every link name a record owns."""
+    owned = {net.links.get("bridge", "") for net in networks}
+    return owned | {name for ep in endpoints for name in ep.links.values()}
 
 
 # --- kernel work, run on kernel threads ------------------------------------------------------

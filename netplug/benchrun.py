@@ -333,15 +333,12 @@ def _request(path: str, body: bytes) -> bytes:
 def _read_response(sock: socket.socket, buffer: bytearray) -> None:
     """Read one HTTP response with Content-Length from `sock` (keeping leftovers)."""
     while True:
-        head_end = buffer.find(b"\r\n\r\n")
-        if head_end >= 0:
-            head = bytes(buffer[:head_end]).lower()
-            start = head.find(b"content-length:")
-            length = int(head[start + 15 :].split(b"\r\n", 1)[0]) if start >= 0 else 0
-            total = head_end + 4 + length
-            if len(buffer) >= total:
-                del buffer[:total]
+        if b"\r\n\r\n" in buffer:
+            try:
+                _parse_complete(buffer)
                 return
+            except ValueError:
+                pass
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("server closed the connection")

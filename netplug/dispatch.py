@@ -17,7 +17,7 @@ import trio
 
 from netplug import protocol as p
 from netplug.driver import Driver
-from netplug.errors import NetplugError, TooLarge
+from netplug.errors import InvalidRequest, NetplugError, TooLarge
 
 log = logging.getLogger("netplug.dispatch")
 
@@ -174,16 +174,12 @@ def _decode(route: Route, raw: bytes, call: str) -> Any:
     try:
         return route.decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        raise _BadRequest(f"invalid {call} request: {exc}") from exc
+        raise InvalidRequest(f"invalid {call} request: {exc}") from exc
     except msgspec.DecodeError as exc:
         what = "empty body" if not raw.strip() else f"malformed JSON ({exc})"
-        raise _BadRequest(f"invalid {call} request: {what}; expected a JSON object") from exc
+        raise InvalidRequest(f"invalid {call} request: {what}; expected a JSON object") from exc
     except RecursionError as exc:
-        raise _BadRequest(f"invalid {call} request: JSON nested too deeply") from exc
-
-
-class _BadRequest(NetplugError):
-    status = 400
+        raise InvalidRequest(f"invalid {call} request: JSON nested too deeply") from exc
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

@@ -261,7 +261,7 @@ class Firewall:
         def remove(w: Worker) -> None:
             nft = _nft(w)
             _run_tolerant(nft, cmds)
-            if _table_exists(nft) and _table_unused(nft):  # the last network: no table left
+            if _table_unused(nft):  # the last network: no table left
                 _run_tolerant(nft, [f"delete table inet {TABLE}"])
 
         await self.kernel.run(remove)
@@ -313,8 +313,11 @@ def _table_exists(nft: Nft) -> bool:
 
 
 def _table_unused(nft: Nft) -> bool:
-    """No network and no published port left in the table."""
-    data = json.loads(nft.run(f"list table inet {TABLE}"))
+    """The table exists and holds no network and no published port."""
+    try:
+        data = json.loads(nft.run(f"list table inet {TABLE}"))
+    except FirewallError:
+        return False
     return not any(item["map"].get("elem") for item in data.get("nftables", []) if "map" in item)
 
 
@@ -418,14 +421,3 @@ def iptables_sync(bridges4: set[str], bridges6: set[str]) -> None:
     """Exactly the accept rules of these bridges, and no other netplug rule."""
     _iptables_change("iptables", add=bridges4, keep_only=bridges4)
     _iptables_change("ip6tables", add=bridges6, keep_only=bridges6)
-
-
-def iptables_rules() -> list[str]:
-    """netplug's rules in iptables' FORWARD chains, for `netplug status`."""
-    found = []
-    for binary in _IPTABLES:
-        if shutil.which(binary) is None:
-            continue
-        listing = _iptables(binary, "-S", "FORWARD")
-        found += [f"{binary} {line}" for line in _ours(listing.stdout)]
-    return found

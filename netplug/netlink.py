@@ -32,7 +32,7 @@ import msgspec
 import outcome
 import trio
 
-from netplug.errors import Conflict, InvalidRequest, KernelError, LinkExists, LinkMissing
+from netplug.errors import InvalidRequest, KernelError, LinkExists, LinkMissing
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -323,14 +323,6 @@ class Kernel:
         result: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return result
 
-    def run_blocking(self, fn: Callable[[Worker], T]) -> T:
-        """The same from ordinary (non-trio) code, e.g. the CLI."""
-        self._start()
-        box: queue.SimpleQueue[outcome.Outcome[Any]] = queue.SimpleQueue()
-        self._queue.put((fn, box.put))
-        result: T = box.get().unwrap()
-        return result
-
     def _start(self) -> None:
         if self._threads:
             return
@@ -381,10 +373,3 @@ class Kernel:
             self._queue.put(None)
         for thread in threads:
             thread.join(timeout=5)
-
-
-def collision(name: str, owner: str, other: str) -> Conflict:
-    return Conflict(
-        f"interface name {name} for {owner} is already used by {other}; "
-        "remove the other object or choose another name"
-    )
