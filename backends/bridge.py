@@ -176,7 +176,7 @@ class BridgeBackend:
         # hairpin: with br_netfilter, a container reaching its own published port has its packet
         # DNAT'd at bridge level and sent back out of the port it came in on.
         host = endpoint.links["host"]
-        await self.context.kernel.run(lambda w: w.set_bridge_port(host, mode=1))
+        await self.context.kernel.run(lambda w: w.set_bridge_port(host, hairpin=True))
         await self.context.firewall.publish(ports)
 
     async def unpublish(
@@ -328,4 +328,4 @@ def _create_veth(w: Worker, network: Network, endpoint: Endpoint, opts: BridgeOp
             w.delete_link(peer)
             w.add_veth(host, peer, master=master, mtu=mtu, peer_mac=endpoint.mac)
     if not opts.icc:
-        w.set_bridge_port(host, isolated=1)  # ports of an isolated bridge cannot talk
+        w.set_bridge_port(host, isolated=True)  # ports of an isolated bridge cannot talk

@@ -178,6 +178,17 @@ class Driver:
             result = await fn()
         return result
 
+    @staticmethod
+    async def _together(*fns: Callable[[], Awaitable[object]]) -> None:
+        """Run `fns` at the same time. When one fails the others are cancelled and its error
+        is raised as itself, not in a group, so that callers and dispatch see what it was."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for fn in fns:
+                    nursery.start_soon(fn)
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+
     # --- capabilities ----------------------------------------------------------------------
 
     @staticmethod
@@ -349,22 +360,27 @@ class Driver:
 
     def _check_names(self, ep: Endpoint) -> None:
         mine = set(ep.links.values())
-        for other in [*self.store.endpoints.values(), *self._creating.values()]:
-            if other.id != ep.id and mine & set(other.links.values()):
-                raise Conflict(
-                    f"endpoint {ep.id[:12]}: its interface names {sorted(mine)} collide with "
-                    f"endpoint {other.id[:12]}; retry the container start"
-                )
+        owners = {self.store.link_owner(name) for name in mine}
+        owners |= {x.id for x in self._creating.values() if mine & set(x.links.values())}
+        others = sorted(owner for owner in owners if owner is not None and owner != ep.id)
+        if others:
+            raise Conflict(
+                f"endpoint {ep.id[:12]}: its interface names {sorted(mine)} collide with "
+                f"endpoint {others[0][:12]}; retry the container start"
+            )
 
     async def _create_endpoint(self, net: Network, ep: Endpoint, backend: Backend) -> None:
-        # One write, after the kernel work. A crash before it leaves links that carry
-        # netplug's names but no record: the garbage collection at start removes them, and
-        # `_creating` keeps a collection at run time from taking them meanwhile.
+        # One write, made while the kernel works: neither waits for the other. A crash that
+        # interrupts one of them is repaired at start: links that carry netplug's names but no
+        # record are garbage, a record whose veth is missing is dropped. `_creating` keeps a
+        # garbage collection at run time from taking the links meanwhile.
         self._creating[ep.id] = ep
+        ep.state = "ready"
         try:
-            await backend.create_endpoint(net, ep)
-            ep.state = "ready"
-            await self.store.save(ep)
+            await self._together(
+                partial(backend.create_endpoint, net, ep),
+                partial(self.store.save, ep, concurrent=True),
+            )
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:

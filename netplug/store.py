@@ -35,6 +35,7 @@ class Store:
         self.fsync = fsync
         self.networks: dict[str, Network] = {}
         self.endpoints: dict[str, Endpoint] = {}
+        self._link_owners: dict[str, str] = {}  # link name -> endpoint ID, for collisions
         self._dirs = {Network: state_dir / "networks", Endpoint: state_dir / "endpoints"}
 
     # --- loading --------------------------------------------------------------------------
@@ -60,7 +61,7 @@ class Store:
                 if isinstance(record, Network):
                     self.networks[record.id] = record
                 else:
-                    self.endpoints[record.id] = record
+                    self._index(record)
         return problems
 
     # --- writing --------------------------------------------------------------------------
@@ -68,16 +69,18 @@ class Store:
     def _path(self, record: Network | Endpoint) -> Path:
         return self._dirs[type(record)] / f"{record.id}.json"
 
-    async def save(self, record: _R) -> _R:
-        """Index the record at once, then write it durably on a worker thread."""
+    async def save(self, record: _R, *, concurrent: bool = False) -> _R:
+        """Index the record at once, then write it: network records durably on a worker
+        thread; endpoint records inline, or on a worker thread when the caller has other work
+        running meanwhile (`concurrent`)."""
         if isinstance(record, Network):
             self.networks[record.id] = record
         else:
-            self.endpoints[record.id] = record
+            self._index(record)
         durable = self.fsync and isinstance(record, Network)
-        if durable:
+        if durable or concurrent:
             await trio.to_thread.run_sync(
-                self._write, self._path(record), _encoder.encode(record), True
+                self._write, self._path(record), _encoder.encode(record), durable
             )
         else:
             # Without fsync a write + rename costs tens of microseconds: no thread hop.
@@ -87,8 +90,10 @@ class Store:
     async def remove(self, record: Network | Endpoint) -> None:
         if isinstance(record, Network):
             self.networks.pop(record.id, None)
-        else:
-            self.endpoints.pop(record.id, None)
+        elif self.endpoints.pop(record.id, None) is not None:
+            for name in record.links.values():
+                if self._link_owners.get(name) == record.id:
+                    del self._link_owners[name]
         if self.fsync and isinstance(record, Network):
             await trio.to_thread.run_sync(self._unlink, self._path(record), True)
         else:
@@ -121,6 +126,15 @@ class Store:
             os.close(fd)
 
     # --- queries --------------------------------------------------------------------------
+
+    def _index(self, endpoint: Endpoint) -> None:
+        self.endpoints[endpoint.id] = endpoint
+        for name in endpoint.links.values():
+            self._link_owners.setdefault(name, endpoint.id)
+
+    def link_owner(self, name: str) -> str | None:
+        """The endpoint whose record names link `name`, if any."""
+        return self._link_owners.get(name)
 
     def endpoints_of(self, network_id: str) -> list[Endpoint]:
         return [ep for ep in self.endpoints.values() if ep.network_id == network_id]

@@ -395,6 +395,21 @@ async def test_retried_create_endpoint_other_address_conflicts(plug: Plugin) -> 
     assert EID[:12] in message
 
 
+async def test_endpoint_ids_whose_link_names_collide(plug: Plugin) -> None:
+    """Link names carry 12 hex digits of the endpoint ID: a second ID with the same prefix is
+    refused, and accepted once the first endpoint is gone."""
+    twin = EID[:12] + "f" * (len(EID) - 12)
+    assert twin != EID
+    await plug.ok("CreateNetwork", network_body())
+    await plug.ok("CreateEndpoint", endpoint_body())
+    message = await plug.err("CreateEndpoint", endpoint_body(eid=twin, address="10.201.1.3/24"))
+    assert f"collide with endpoint {EID[:12]}" in message
+    assert twin not in plug.driver.store.endpoints
+    await plug.ok("DeleteEndpoint", ids())
+    await plug.ok("CreateEndpoint", endpoint_body(eid=twin, address="10.201.1.3/24"))
+    assert plug.driver.store.endpoints[twin].links == {"peer": f"mem{EID[:12]}"}
+
+
 async def test_create_endpoint_unknown_network(plug: Plugin) -> None:
     message = await plug.err("CreateEndpoint", fixture("NetworkDriver.CreateEndpoint"))
     assert NID[:12] in message

@@ -1,0 +1,196 @@
+"""The rtnetlink requests on netplug's hot paths, packed with `struct` on a plain socket.
+
+pyroute2 builds and parses every message through its generic marshal: a request that the
+kernel answers in ~10 µs costs ~0.85 ms of Python on a small VM (bench/README.md). An endpoint
+needs only requests whose answer is an ack (create a veth, delete a link, set a port flag) or
+one integer (a link's index), so those few messages are written out here, each next to the
+kernel structure it fills (`linux/rtnetlink.h`, `linux/if_link.h`). Everything that reads the
+kernel's state in bulk (dumps for restore, garbage collection and status) stays with pyroute2.
+
+One `Rtnl` per thread, like pyroute2's `IPRoute`: requests on one socket are answered in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+
+# message types and flags (linux/netlink.h, linux/rtnetlink.h)
+NLMSG_ERROR = 2
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
+SOL_NETLINK = 270
+NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
+NLM_F_ACK_TLVS = 0x200  # in an error message's flags: extended-ack attributes follow
+NLMSGERR_ATTR_MSG = 1
+NLA_F_NESTED = 0x8000
+
+# attributes (linux/if_link.h, linux/if_addr.h)
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
+IFLA_PROTINFO, IFLA_LINKINFO, IFLA_AF_SPEC, IFLA_EXT_MASK = 12, 18, 26, 29
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+VETH_INFO_PEER = 1
+IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33
+IFLA_INET_CONF = 1
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
+IFF_UP = 0x1
+AF_BRIDGE = 7
+
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, port
+_IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
+_IFADDR = struct.Struct("=BBBBi")  # ifaddrmsg: family, prefixlen, flags, scope, index
+_ATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_ERRNO = struct.Struct("=i")
+
+
+class RtnlError(OSError):
+    """The kernel refused a request: `errno` as the kernel gave it, `strerror` its words
+    (the extended ack when the kernel sent one)."""
+
+
+def attr(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute: length, type, payload, padded to 4 bytes."""
+    length = 4 + len(payload)
+    return _ATTR.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def nested(kind: int, *children: bytes) -> bytes:
+    return attr(kind | NLA_F_NESTED, b"".join(children))
+
+
+def string(kind: int, value: str) -> bytes:
+    return attr(kind, value.encode() + b"\0")
+
+
+def u32(kind: int, value: int) -> bytes:
+    return attr(kind, _U32.pack(value))
+
+
+def u8(kind: int, value: int) -> bytes:
+    return attr(kind, bytes((value,)))
+
+
+def mac(kind: int, value: str) -> bytes:
+    return attr(kind, bytes.fromhex(value.replace(":", "")))
+
+
+def ifinfo(*, family: int = socket.AF_UNSPEC, index: int = 0, up: bool | None = None) -> bytes:
+    """An ifinfomsg; `up` True/False changes IFF_UP, None leaves the flags alone."""
+    flags = IFF_UP if up else 0
+    change = IFF_UP if up is not None else 0
+    return _IFINFO.pack(family, 0, index, flags, change)
+
+
+def parse_attrs(data: bytes | memoryview, offset: int = 0) -> dict[int, memoryview]:
+    """The attributes of one level, by type (flags stripped); later duplicates win."""
+    view = memoryview(data)
+    out: dict[int, memoryview] = {}
+    while offset + 4 <= len(view):
+        length, kind = _ATTR.unpack_from(view, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = view[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+class Rtnl:
+    """A NETLINK_ROUTE socket for single requests. Not thread-safe: one per thread."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        for option in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
+            with contextlib.suppress(OSError):  # older kernels: plain acks, errno only
+                self._sock.setsockopt(SOL_NETLINK, option, 1)
+        self._seq = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def request(self, kind: int, flags: int, body: bytes) -> bytes:
+        """Send one request and return the kernel's answer (b"" for a bare ack)."""
+        self._seq += 1
+        seq = self._seq
+        self._sock.send(_HEADER.pack(16 + len(body), kind, flags | NLM_F_REQUEST, seq, 0) + body)
+        while True:
+            reply = self._sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(reply):
+                length, rtype, rflags, rseq, _ = _HEADER.unpack_from(reply, offset)
+                message = reply[offset : offset + length]
+                offset += (length + 3) & ~3
+                if rseq != seq or length < 16:
+                    continue  # an answer to an earlier request that gave up
+                if rtype != NLMSG_ERROR:
+                    return message[16:]
+                (code,) = _ERRNO.unpack_from(message, 16)
+                if code == 0:
+                    return b""
+                raise _error(-code, message, rflags)
+
+    # --- links -----------------------------------------------------------------------------
+
+    def link_index(self, name: str) -> int:
+        """The index of link `name` (RtnlError ENODEV when there is none)."""
+        body = ifinfo() + string(IFLA_IFNAME, name) + u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+        reply = self.request(RTM_GETLINK, 0, body)
+        index: int = _IFINFO.unpack_from(reply, 0)[2]
+        return index
+
+    def add_veth(
+        self, host: str, peer: str, *, master: int, mtu: int | None, peer_mac: str
+    ) -> None:
+        """The pair in one message: the host end on `master` and up, MTU on both ends."""
+        mtu_attr = u32(IFLA_MTU, mtu) if mtu else b""
+        peer_info = ifinfo() + string(IFLA_IFNAME, peer) + mac(IFLA_ADDRESS, peer_mac) + mtu_attr
+        linkinfo = nested(
+            IFLA_LINKINFO,
+            string(IFLA_INFO_KIND, "veth"),
+            nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info)),
+        )
+        body = (
+            ifinfo(up=True)
+            + string(IFLA_IFNAME, host)
+            + u32(IFLA_MASTER, master)
+            + mtu_attr
+            + linkinfo
+        )
+        self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def delete_link(self, name: str) -> None:
+        self.request(RTM_DELLINK, NLM_F_ACK, ifinfo() + string(IFLA_IFNAME, name))
+
+    def set_bridge_port(self, index: int, *, hairpin: bool | None, isolated: bool | None) -> None:
+        flags = b""
+        if hairpin is not None:
+            flags += u8(IFLA_BRPORT_MODE, int(hairpin))
+        if isolated is not None:
+            flags += u8(IFLA_BRPORT_ISOLATED, int(isolated))
+        body = ifinfo(family=AF_BRIDGE, index=index) + nested(IFLA_PROTINFO, flags)
+        self.request(RTM_SETLINK, NLM_F_ACK, body)
+
+    def set_ipv4_conf(self, index: int, key: int, value: int) -> None:
+        """One `net.ipv4.conf.<link>.*` value, settable with CAP_NET_ADMIN even where /proc/sys
+        is read-only (inside a managed plugin)."""
+        conf = nested(socket.AF_INET, nested(IFLA_INET_CONF, u32(key, value)))
+        self.request(RTM_SETLINK, NLM_F_ACK, ifinfo(index=index) + nested(IFLA_AF_SPEC, conf))
+
+
+def _error(code: int, message: bytes, flags: int) -> RtnlError:
+    text = os.strerror(code)
+    if flags & NLM_F_ACK_TLVS:
+        # nlmsgerr: errno, then the request's header (its payload is capped by NETLINK_CAP_ACK)
+        (orig_length,) = struct.unpack_from("=I", message, 20)
+        skip = 16 if flags & 0x100 else orig_length  # NLM_F_CAPPED
+        tlvs = parse_attrs(message, 20 + ((skip + 3) & ~3))
+        if NLMSGERR_ATTR_MSG in tlvs:
+            said = bytes(tlvs[NLMSGERR_ATTR_MSG]).rstrip(b"\0").decode(errors="replace")
+            text = f"{said} ({text})" if said else text
+    return RtnlError(code, text)
