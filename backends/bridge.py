@@ -11,9 +11,9 @@ that already exists is adopted: netplug adds its gateway addresses and rules and
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -35,10 +35,9 @@ from netplug.netlink import (
     stable_mac,
     write_sysctl,
 )
+from netplug.tasks import together
 
 log = logging.getLogger("netplug.bridge")
-
-IFA_F_NODAD = 0x02
 
 
 class BridgeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -110,8 +109,11 @@ class BridgeBackend:
 
     async def create_network(self, network: Network) -> None:
         opts = _options(network)
-        await self.context.kernel.run(lambda w: _ensure_bridge(w, network, opts))
-        await self.context.firewall.add_network(_rules(network, opts))
+        # The rules name the bridge, they do not need it to exist: both at once.
+        await together(
+            partial(self.context.kernel.run, lambda w: _ensure_bridge(w, network, opts)),
+            partial(self.context.firewall.add_network, _rules(network, opts)),
+        )
 
     async def delete_network(self, network: Network) -> None:
         bridge = network.links.get("bridge")
@@ -282,20 +284,10 @@ def _ensure_bridge(w: Worker, network: Network, opts: BridgeOptions) -> None:
     w.set_ipv4_conf(name, IPV4_CONF_ROUTE_LOCALNET, 1)
     if not network.internal:
         write_sysctl("net/ipv4/ip_forward", "1")  # dockerd sets it too; a host may not have
-    present = w.addresses(index)
     for subnet in network.subnets:
-        if subnet.gateway and subnet.gateway not in present:
-            _add_gateway(w, index, subnet.gateway)
-    w.set_link(name, state="up")
-
-
-def _add_gateway(w: Worker, index: int, cidr: str) -> None:
-    address, prefix = cidr.split("/")
-    if ipaddress.ip_address(address).version == 6:
-        # No duplicate address detection: the gateway must be usable at once.
-        w.ipr.addr("add", index=index, address=address, prefixlen=int(prefix), flags=IFA_F_NODAD)
-    else:
-        w.add_address(index, cidr)
+        if subnet.gateway:
+            w.add_address(index, subnet.gateway)  # already there (a restart) is fine
+    w.set_link(name, up=True)
 
 
 def _remove_addresses(w: Worker, network: Network) -> None:

@@ -36,6 +36,7 @@ from netplug.backend import Backend, Registry
 from netplug.errors import Conflict, InvalidOption, InvalidRequest, NotFound, Unsupported
 from netplug.model import PROTO_NUMBERS, Endpoint, Network, PublishedPort, Subnet
 from netplug.store import Store
+from netplug.tasks import together
 
 log = logging.getLogger("netplug.driver")
 
@@ -122,7 +123,9 @@ class Driver:
         self.store = store
         self.registry = registry
         self.default_backend = default_backend
-        self._network_lock = trio.Lock()
+        # A semaphore, not a Lock: a network deletion finishing in the background keeps it
+        # after the request that took it has answered (see _delete_network).
+        self._network_lock = trio.Semaphore(1)
         self._port_lock = trio.Lock()
         self._endpoint_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._creating: dict[str, Endpoint] = {}  # endpoints whose links are being made
@@ -177,17 +180,6 @@ class Driver:
         with trio.CancelScope(shield=True):
             result = await fn()
         return result
-
-    @staticmethod
-    async def _together(*fns: Callable[[], Awaitable[object]]) -> None:
-        """Run `fns` at the same time. When one fails the others are cancelled and its error
-        is raised as itself, not in a group, so that callers and dispatch see what it was."""
-        try:
-            async with trio.open_nursery() as nursery:
-                for fn in fns:
-                    nursery.start_soon(fn)
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
 
     # --- capabilities ----------------------------------------------------------------------
 
@@ -272,7 +264,9 @@ class Driver:
         await self._shielded(lambda: self._delete_network(network_id))
 
     async def _delete_network(self, network_id: str) -> None:
-        async with self._network_lock:
+        await self._network_lock.acquire()
+        handed_over = False
+        try:
             net = self.store.networks.get(network_id)
             if net is None:
                 log.info("network already gone", extra={"network": network_id})
@@ -286,8 +280,35 @@ class Driver:
                 await self._delete_endpoint(net, ep, backend)
             net.state = "deleting"
             await self.store.save(net)
-            await backend.delete_network(net)
-            await self.store.remove(net)
+            if self._background is None:
+                await self._remove_network(net, backend)
+            else:
+                # Answer now and remove the bridge and its rules after (~100 ms: the kernel
+                # waits for RCU, iptables is an exec). The lock goes with the work, so the next
+                # network call waits until it is done; a crash leaves a "deleting" record that
+                # the next start finishes.
+                self._background.start_soon(self._finish_network_delete, net, backend)
+                handed_over = True
+        finally:
+            if not handed_over:
+                self._network_lock.release()
+
+    async def _remove_network(self, net: Network, backend: Backend) -> None:
+        await backend.delete_network(net)
+        await self.store.remove(net)
+
+    async def _finish_network_delete(self, net: Network, backend: Backend) -> None:
+        """The background half of a network deletion; it owns the network lock."""
+        try:
+            await self._remove_network(net, backend)
+        except Exception:
+            log.exception(
+                "deleting the network's bridge and rules failed; netplug gc or the next start "
+                "retries",
+                extra={"network": net.id},
+            )
+        finally:
+            self._network_lock.release()
 
     @staticmethod
     async def allocate_network(req: p.AllocateNetworkRequest) -> None:
@@ -377,7 +398,7 @@ class Driver:
         self._creating[ep.id] = ep
         ep.state = "ready"
         try:
-            await self._together(
+            await together(
                 partial(backend.create_endpoint, net, ep),
                 partial(self.store.save, ep, concurrent=True),
             )

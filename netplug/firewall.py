@@ -30,6 +30,7 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -37,6 +38,7 @@ import msgspec
 from netplug.errors import KernelError
 from netplug.model import PublishedPort
 from netplug.netlink import Kernel, Worker
+from netplug.tasks import together
 
 log = logging.getLogger("netplug.firewall")
 
@@ -252,8 +254,10 @@ class Firewall:
                 nft.run(_SKELETON)
             nft.run(text)
 
-        await self.kernel.run(add)
-        await self.kernel.run(lambda w: iptables_add(net.bridge, ipv6=bool(net.pools6)))
+        await together(
+            partial(self.kernel.run, add),
+            partial(self.kernel.run, lambda w: iptables_add(net.bridge, ipv6=bool(net.pools6))),
+        )
 
     async def remove_network(self, net_key: str, bridge: str, *, ipv6: bool = True) -> None:
         cmds = _remove_network_commands(net_key, bridge)
@@ -264,8 +268,10 @@ class Firewall:
             if _table_unused(nft):  # the last network: no table left
                 _run_tolerant(nft, [f"delete table inet {TABLE}"])
 
-        await self.kernel.run(remove)
-        await self.kernel.run(lambda w: iptables_remove(bridge, ipv6=ipv6))
+        await together(
+            partial(self.kernel.run, remove),
+            partial(self.kernel.run, lambda w: iptables_remove(bridge, ipv6=ipv6)),
+        )
 
     async def publish(self, ports: list[PublishedPort]) -> None:
         if ports:

@@ -26,12 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import msgspec
 import outcome
 import trio
 
 from netplug.errors import InvalidRequest, KernelError, LinkExists, LinkMissing
-from netplug.rtnl import Rtnl, RtnlError
+from netplug.rtnl import Link, Rtnl, RtnlError
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -75,16 +74,6 @@ def stable_mac(seed: str) -> str:
 def mac_from_ipv4(address: str) -> str:
     """Docker's bridge convention: 02:42 followed by the four bytes of the IPv4 address."""
     return "02:42:" + ":".join(f"{int(part):02x}" for part in address.split("."))
-
-
-class Link(msgspec.Struct, frozen=True):
-    index: int
-    name: str
-    kind: str
-    master: int
-    mtu: int
-    mac: str
-    up: bool
 
 
 @contextmanager
@@ -156,24 +145,20 @@ class Worker:
     def forget(self, name: str) -> None:
         self._indexes.pop(name, None)
 
-    # --- typed wrappers over the parts of IPRoute netplug uses -----------------------------
+    # --- the kernel calls netplug makes ---------------------------------------------------
 
     def link(self, name: str) -> Link | None:
-        indexes = self.ipr.link_lookup(ifname=name)
-        if not indexes:
-            return None
         with kernel_errors(f"reading link {name}"):
-            (msg,) = self.ipr.get_links(indexes[0])
-        return _link_of(msg)
+            return self.rtnl.link(name)
 
     def links(self) -> list[Link]:
+        """Every link: a dump, decoded by pyroute2 (restore, garbage collection, status)."""
         with kernel_errors("listing links"):
             return [_link_of(msg) for msg in self.ipr.get_links()]
 
     def add_bridge(self, name: str, *, mtu: int | None, mac: str) -> int:
-        extra: dict[str, Any] = {"mtu": mtu} if mtu else {}
         with kernel_errors(f"creating bridge {name}"):
-            self.ipr.link("add", ifname=name, kind="bridge", address=mac, **extra)
+            self.rtnl.add_bridge(name, mtu=mtu, mac=mac)
         return self.index(name)
 
     def add_veth(
@@ -183,9 +168,10 @@ class Worker:
         with kernel_errors(f"creating veth {host}/{peer}"):
             self.rtnl.add_veth(host, peer, master=master, mtu=mtu, peer_mac=peer_mac)
 
-    def set_link(self, name: str, **attrs: Any) -> None:
+    def set_link(self, name: str, *, up: bool | None = None, mtu: int | None = None) -> None:
+        index = self.index(name)
         with kernel_errors(f"configuring link {name}"):
-            self.ipr.link("set", index=self.index(name), **attrs)
+            self.rtnl.set_link(index, up=up, mtu=mtu)
 
     def set_ipv4_conf(self, name: str, key: int, value: int) -> None:
         """Set one per-interface IPv4 setting (`net.ipv4.conf.<name>.*`) through netlink:
@@ -216,28 +202,20 @@ class Worker:
         with kernel_errors(f"link {name}"):
             return self.rtnl.link_index(name)
 
-    def addresses(self, index: int) -> set[str]:
-        with kernel_errors(f"listing addresses of link {index}"):
-            return {
-                f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"
-                for msg in self.ipr.get_addr(index=index)
-            }
-
     def add_address(self, index: int, cidr: str) -> bool:
-        """Add an address; False when it was already there."""
-        address, prefix = cidr.split("/")
+        """Add an address (IPv6 without duplicate address detection); False when it was
+        already there."""
         try:
             with kernel_errors(f"adding address {cidr}"):
-                self.ipr.addr("add", index=index, address=address, prefixlen=int(prefix))
+                self.rtnl.address(True, index, cidr)
         except LinkExists:
             return False
         return True
 
     def delete_address(self, index: int, cidr: str) -> None:
-        address, prefix = cidr.split("/")
         try:
             with kernel_errors(f"deleting address {cidr}"):
-                self.ipr.addr("del", index=index, address=address, prefixlen=int(prefix))
+                self.rtnl.address(False, index, cidr)
         except (LinkMissing, KernelError):
             pass  # already gone: EADDRNOTAVAIL
 

@@ -13,9 +13,13 @@ One `Rtnl` per thread, like pyroute2's `IPRoute`: requests on one socket are ans
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import os
 import socket
 import struct
+
+import msgspec
 
 # message types and flags (linux/netlink.h, linux/rtnetlink.h)
 NLMSG_ERROR = 2
@@ -38,6 +42,7 @@ IFLA_BRPORT_MODE, IFLA_BRPORT_ISOLATED = 4, 33
 IFLA_INET_CONF = 1
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST, IFA_FLAGS = 1, 2, 4, 8
+IFA_F_NODAD = 0x2
 IFF_UP = 0x1
 AF_BRIDGE = 7
 
@@ -47,6 +52,22 @@ _IFADDR = struct.Struct("=BBBBi")  # ifaddrmsg: family, prefixlen, flags, scope,
 _ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _ERRNO = struct.Struct("=i")
+
+
+class Link(msgspec.Struct, frozen=True):
+    """What netplug reads of a link."""
+
+    index: int
+    name: str
+    kind: str  # "" for links without IFLA_LINKINFO (physical ones)
+    master: int
+    mtu: int
+    mac: str
+    up: bool
+
+
+def _text(value: memoryview | None) -> str:
+    return bytes(value).rstrip(b"\0").decode() if value is not None else ""
 
 
 class RtnlError(OSError):
@@ -76,7 +97,7 @@ def u8(kind: int, value: int) -> bytes:
     return attr(kind, bytes((value,)))
 
 
-def mac(kind: int, value: str) -> bytes:
+def hwaddr(kind: int, value: str) -> bytes:
     return attr(kind, bytes.fromhex(value.replace(":", "")))
 
 
@@ -144,12 +165,68 @@ class Rtnl:
         index: int = _IFINFO.unpack_from(reply, 0)[2]
         return index
 
+    def link(self, name: str) -> Link | None:
+        """What netplug needs to know of link `name`, or None when there is none."""
+        body = ifinfo() + string(IFLA_IFNAME, name) + u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+        try:
+            reply = self.request(RTM_GETLINK, 0, body)
+        except RtnlError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        _, _, index, flags, _ = _IFINFO.unpack_from(reply, 0)
+        attrs = parse_attrs(reply, _IFINFO.size)
+        linkinfo = parse_attrs(attrs[IFLA_LINKINFO]) if IFLA_LINKINFO in attrs else {}
+        return Link(
+            index=index,
+            name=_text(attrs.get(IFLA_IFNAME)),
+            kind=_text(linkinfo.get(IFLA_INFO_KIND)),
+            master=_U32.unpack(attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0,
+            mtu=_U32.unpack(attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
+            mac=bytes(attrs.get(IFLA_ADDRESS, b"")).hex(":"),
+            up=bool(flags & IFF_UP),
+        )
+
+    def add_bridge(self, name: str, *, mtu: int | None, mac: str) -> None:
+        body = (
+            ifinfo()
+            + string(IFLA_IFNAME, name)
+            + hwaddr(IFLA_ADDRESS, mac)
+            + (u32(IFLA_MTU, mtu) if mtu else b"")
+            + nested(IFLA_LINKINFO, string(IFLA_INFO_KIND, "bridge"))
+        )
+        self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+
+    def set_link(self, index: int, *, up: bool | None = None, mtu: int | None = None) -> None:
+        body = ifinfo(index=index, up=up) + (u32(IFLA_MTU, mtu) if mtu else b"")
+        self.request(RTM_NEWLINK, NLM_F_ACK, body)
+
+    def address(self, add: bool, index: int, cidr: str) -> None:
+        """Add or delete an address (`10.0.0.1/24`, `fd00::1/64`). IPv4 gets the subnet's
+        broadcast address, as Docker's bridge has; IPv6 skips duplicate address detection,
+        so the address is usable at once."""
+        interface = ipaddress.ip_interface(cidr)
+        ip = interface.ip.packed
+        if interface.version == 4:
+            family, flags = socket.AF_INET, 0
+            attrs = attr(IFA_LOCAL, ip) + attr(IFA_ADDRESS, ip)
+            if add and interface.network.prefixlen < 31:
+                attrs += attr(IFA_BROADCAST, interface.network.broadcast_address.packed)
+        else:
+            family, flags = socket.AF_INET6, IFA_F_NODAD
+            attrs = attr(IFA_ADDRESS, ip) + u32(IFA_FLAGS, flags)
+        header = _IFADDR.pack(family, interface.network.prefixlen, flags & 0xFF, 0, index)
+        if add:
+            self.request(RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, header + attrs)
+        else:
+            self.request(RTM_DELADDR, NLM_F_ACK, header + attrs)
+
     def add_veth(
         self, host: str, peer: str, *, master: int, mtu: int | None, peer_mac: str
     ) -> None:
         """The pair in one message: the host end on `master` and up, MTU on both ends."""
         mtu_attr = u32(IFLA_MTU, mtu) if mtu else b""
-        peer_info = ifinfo() + string(IFLA_IFNAME, peer) + mac(IFLA_ADDRESS, peer_mac) + mtu_attr
+        peer_info = ifinfo() + string(IFLA_IFNAME, peer) + hwaddr(IFLA_ADDRESS, peer_mac) + mtu_attr
         linkinfo = nested(
             IFLA_LINKINFO,
             string(IFLA_INFO_KIND, "veth"),
@@ -165,6 +242,7 @@ class Rtnl:
         self.request(RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
 
     def delete_link(self, name: str) -> None:
+        """Delete a link by name (one end of a veth takes the pair with it)."""
         self.request(RTM_DELLINK, NLM_F_ACK, ifinfo() + string(IFLA_IFNAME, name))
 
     def set_bridge_port(self, index: int, *, hairpin: bool | None, isolated: bool | None) -> None:

@@ -186,9 +186,15 @@ def main() -> int:
             step("cleanup: docker rm, docker network rm, docker plugin disable / rm")
             demo.docker("rm", "-f", "web")
             demo.docker("network", "rm", "app")
-            links = json.loads(engine.ns("ip", "-j", "link", "show").stdout)
-            left = [x["ifname"] for x in links if x["ifname"].startswith(("npb", "nph", "npc"))]
-            records = list(state.rglob("*.json"))
+            # netplug answers before the bridge is gone; the rest follows within ~100 ms
+            deadline = time.monotonic() + 5
+            while True:
+                links = json.loads(engine.ns("ip", "-j", "link", "show").stdout)
+                left = [x["ifname"] for x in links if x["ifname"].startswith(("npb", "nph", "npc"))]
+                records = list(state.rglob("*.json"))
+                if not (left or records) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             print(
                 f"netplug links left: {left or 'none'}; state records left: "
                 f"{[p.name for p in records] or 'none'}"

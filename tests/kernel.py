@@ -155,11 +155,34 @@ class Plugin:
     def logs(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
-    def call(self, name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(
+        self, name: str, body: dict[str, Any] | None = None, *, settle: bool = True
+    ) -> dict[str, Any]:
+        """One call over the socket. netplug answers DeleteEndpoint and DeleteNetwork before
+        their links are gone; with `settle` this waits for that work, so that what follows
+        sees the kernel as the deletion leaves it."""
         data = json.dumps(body).encode() if body is not None else b""
         path = name if name.startswith("/") else f"/NetworkDriver.{name}"
         result: dict[str, Any] = call(self.socket, path, data)
+        if settle and name in {"DeleteEndpoint", "DeleteNetwork"}:
+            self.settle()
         return result
+
+    def settle(self, timeout: float = 10) -> None:
+        """Wait until no deletion is finishing in the background (its record goes last)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.call("/Netplug.Status")
+            pending = [
+                record["id"][:12]
+                for record in status["networks"] + status["endpoints"]
+                if record["state"] == "deleting"
+            ]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still deleting after {timeout}s: {pending}")
+            time.sleep(0.01)
 
     def records(self) -> list[str]:
         return sorted(

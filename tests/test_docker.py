@@ -126,7 +126,11 @@ def nothing_left(env: Env) -> Iterator[None]:
         env.docker("rm", "-f", cid, check=False)
     for net in env.docker("network", "ls", "-q", "--filter", "label=netplug-test").stdout.split():
         env.docker("network", "rm", net, check=False)
-    assert env.leftovers() == []
+    # netplug answers `network rm` and `rm` before the last links go (~100 ms later)
+    deadline = time.monotonic() + 10
+    while (found := env.leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert found == []
 
 
 def net_create(env: Env, name: str, n: int, *args: str) -> str:

@@ -325,6 +325,26 @@ def test_bridge_name_adopts_existing_bridge(plugin: Plugin) -> None:
     assert_clean(plugin)
 
 
+def test_network_delete_finishes_after_the_answer_before_the_next_network_call(
+    plugin: Plugin,
+) -> None:
+    """DeleteNetwork answers before its bridge is gone; a CreateNetwork right after waits for
+    that work, so a network named like the old bridge gets a bridge of its own (not the old
+    one adopted and then deleted under it)."""
+    host = plugin.host
+    for n in range(3):
+        Net(plugin, 30 + n, "10.86.0.0/24", options={"bridge_name": "reuse0"})
+        plugin.call("DeleteNetwork", {"NetworkID": nid(30 + n)}, settle=False)
+    create_network(plugin, nid(40), "10.86.0.0/24", options={"bridge_name": "reuse0"})
+    status = plugin.call("/Netplug.Status")
+    assert [(x["id"], x["state"]) for x in status["networks"]] == [(nid(40), "ready")]
+    assert status["networks"][0]["links"] == {"bridge": "reuse0", "adopted": "0"}
+    assert "10.86.0.1/24" in host.run("ip", "-br", "addr", "show", "reuse0").stdout
+    plugin.call("DeleteNetwork", {"NetworkID": nid(40)})
+    assert "reuse0" not in host.links()  # netplug made it, netplug removed it
+    assert_clean(plugin)
+
+
 def test_bridge_name_in_use_and_bad_input_leave_nothing(plugin: Plugin) -> None:
     Net(plugin, 10, "10.88.0.0/24", options={"bridge_name": "shared0"})
     with pytest.raises(Exception, match="already used by netplug network"):

@@ -25,16 +25,17 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "store": {"model", "errors"},
     "rtnl": set(),
+    "tasks": set(),
     "netlink": {"errors", "rtnl"},
-    "firewall": {"errors", "model", "netlink"},
+    "firewall": {"errors", "model", "netlink", "tasks"},
     "backend": {"errors", "model", "netlink", "firewall"},
-    "driver": {"errors", "protocol", "model", "store", "backend"},
+    "driver": {"errors", "protocol", "model", "store", "backend", "tasks"},
     "dispatch": {"errors", "protocol", "driver"},
     "server": {"dispatch"},
 }
 # The composition root and the command line may import anything of netplug's.
 UNCONSTRAINED = {"__init__", "__main__", "app", "cli", "logs", "benchrun"}
-BACKEND_ALLOWED = {"backend", "errors", "model", "netlink", "firewall"}
+BACKEND_ALLOWED = {"backend", "errors", "model", "netlink", "firewall", "tasks"}
 HYPERCORN_ALLOWED = {"netplug/server.py"}
 
 
