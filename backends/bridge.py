@@ -119,7 +119,7 @@ class BridgeBackend:
         bridge = network.links.get("bridge")
         if not bridge:
             return
-        await self.context.firewall.remove_network(network.id[:12], bridge, ipv6=bool(network.ipv6))
+        await self.context.firewall.remove_network(network.id[:12], bridge)
 
         def remove(w: Worker) -> None:
             w.forget(bridge)

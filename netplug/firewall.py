@@ -16,9 +16,10 @@ Packets on a netplug bridge:
   (a container reaching a published port of its own network) and 127.0.0.1 clients.
 
 dockerd's iptables set the FORWARD policy to DROP. A packet accepted here still has to pass that
-chain, so `iptables_add` puts one accept rule per direction and bridge in iptables' FORWARD
-(through the host's own `iptables` binary, so iptables-nft and iptables-legacy both work); the
-filtering that matters stays in this table.
+chain, so netplug puts accept rules in iptables' FORWARD, one per direction (through the host's
+own `iptables` binary, so iptables-nft and iptables-legacy both work): for `npb+`, every bridge
+netplug names itself, made with the first network and removed with the last, and per bridge for
+bridges named with `-o bridge_name`. The filtering that matters stays in this table.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import msgspec
 
 from netplug.errors import KernelError
 from netplug.model import PublishedPort
-from netplug.netlink import Kernel, Worker
+from netplug.netlink import BRIDGE_PREFIX, OWNED_NAME, Kernel, Worker
 from netplug.tasks import together
 
 log = logging.getLogger("netplug.firewall")
@@ -244,6 +245,9 @@ def _port_commands(ports: Iterable[PublishedPort], verb: str) -> list[str]:
 class Firewall:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
+        # iptables binary -> the names (a bridge, or the wildcard) with accept rules, as netplug
+        # last made them; unknown (None) until `rebuild` or a first change lists the chain.
+        self._accepted: dict[str, set[str]] | None = None
 
     async def add_network(self, net: NetworkRules) -> None:
         text = _network_commands(net)
@@ -254,24 +258,47 @@ class Firewall:
                 nft.run(_SKELETON)
             nft.run(text)
 
-        await together(
-            partial(self.kernel.run, add),
-            partial(self.kernel.run, lambda w: iptables_add(net.bridge, ipv6=bool(net.pools6))),
-        )
+        name = accept_name(net.bridge)
+        binaries = _IPTABLES if net.pools6 else _IPTABLES[:1]
+        missing = [b for b in binaries if self._accepted is None or name not in self._accepted[b]]
 
-    async def remove_network(self, net_key: str, bridge: str, *, ipv6: bool = True) -> None:
+        def accept(w: Worker) -> None:
+            for binary in missing:
+                _iptables_change(binary, add={name})
+
+        # Usually the wildcard is there already, and a network costs no iptables exec at all.
+        await together(partial(self.kernel.run, add), partial(self.kernel.run, accept))
+        if self._accepted is not None:
+            for binary in missing:
+                self._accepted[binary].add(name)
+
+    async def remove_network(self, net_key: str, bridge: str) -> None:
         cmds = _remove_network_commands(net_key, bridge)
 
-        def remove(w: Worker) -> None:
+        def remove(w: Worker) -> bool:
             nft = _nft(w)
             _run_tolerant(nft, cmds)
             if _table_unused(nft):  # the last network: no table left
                 _run_tolerant(nft, [f"delete table inet {TABLE}"])
+                return True
+            return False
 
-        await together(
-            partial(self.kernel.run, remove),
-            partial(self.kernel.run, lambda w: iptables_remove(bridge, ipv6=ipv6)),
-        )
+        last = await self.kernel.run(remove)
+        name = accept_name(bridge)
+        if last:  # no netplug network left: no accept rule either
+            stale = [b for b in _IPTABLES if self._accepted is None or self._accepted[b]]
+
+            def clear(w: Worker) -> None:
+                for binary in stale:
+                    _iptables_change(binary, add=set(), keep_only=set())
+
+            await self.kernel.run(clear)
+            self._accepted = {binary: set() for binary in _IPTABLES}
+        elif name != WILDCARD:
+            await self.kernel.run(lambda w: iptables_remove(name))
+            if self._accepted is not None:
+                for names in self._accepted.values():
+                    names.discard(name)
 
     async def publish(self, ports: list[PublishedPort]) -> None:
         if ports:
@@ -292,9 +319,10 @@ class Firewall:
         text += "".join(_network_commands(net) for net in networks)
         text += "".join(line + "\n" for line in _port_commands(ports, "add"))
         await self.kernel.run(lambda w: _nft(w).run(text))
-        bridges4 = {net.bridge for net in networks}
-        bridges6 = {net.bridge for net in networks if net.pools6}
-        await self.kernel.run(lambda w: iptables_sync(bridges4, bridges6))
+        names4 = {accept_name(net.bridge) for net in networks}
+        names6 = {accept_name(net.bridge) for net in networks if net.pools6}
+        await self.kernel.run(lambda w: iptables_sync(names4, names6))
+        self._accepted = {"iptables": names4, "ip6tables": names6}
 
     async def dump(self) -> dict[str, Any]:
         """The table as nftables JSON (empty when it does not exist)."""
@@ -343,6 +371,15 @@ def _run_tolerant(nft: Nft, cmds: list[str]) -> None:
 
 
 # --- iptables FORWARD accept rules (coexistence with dockerd's policy DROP) -----------------
+
+WILDCARD = BRIDGE_PREFIX + "+"  # iptables' interface wildcard: every name netplug generates
+
+
+def accept_name(bridge: str) -> str:
+    """The name in the accept rules that cover `bridge`."""
+    return WILDCARD if OWNED_NAME.match(bridge) and bridge.startswith(BRIDGE_PREFIX) else bridge
+
+
 #
 # Per binary one listing (`-S FORWARD`) and at most one `*-restore --noflush` with all changes:
 # two execs instead of one per rule. ip6tables only for networks with IPv6 subnets (without them
@@ -411,16 +448,9 @@ def _iptables_change(
         log.warning("%s-restore: %s", binary, result.stderr.strip())
 
 
-def iptables_add(bridge: str, *, ipv6: bool) -> None:
-    _iptables_change("iptables", add={bridge})
-    if ipv6:
-        _iptables_change("ip6tables", add={bridge})
-
-
-def iptables_remove(bridge: str, *, ipv6: bool) -> None:
-    _iptables_change("iptables", add=set(), remove={bridge})
-    if ipv6:
-        _iptables_change("ip6tables", add=set(), remove={bridge})
+def iptables_remove(name: str) -> None:
+    for binary in _IPTABLES:
+        _iptables_change(binary, add=set(), remove={name})
 
 
 def iptables_sync(bridges4: set[str], bridges6: set[str]) -> None:

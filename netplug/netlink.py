@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import outcome
 import trio
 
-from netplug.errors import InvalidRequest, KernelError, LinkExists, LinkMissing
+from netplug.errors import Conflict, InvalidRequest, KernelError, LinkExists, LinkMissing
 from netplug.rtnl import Link, Rtnl, RtnlError
 
 if TYPE_CHECKING:
@@ -99,6 +99,11 @@ def kernel_errors(what: str) -> Iterator[None]:
             raise KernelError(
                 f"{what}: operation not permitted; netplug needs CAP_NET_ADMIN in the host "
                 "network namespace (grant it when installing the plugin)"
+            ) from exc
+        if code == errno.EXFULL:
+            raise Conflict(
+                f"{what}: the bridge is full (the kernel allows 1024 ports on one bridge); "
+                "put further containers on another network"
             ) from exc
         if code == errno.EOPNOTSUPP:
             raise KernelError(f"{what}: the kernel does not support it ({text})") from exc

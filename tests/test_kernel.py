@@ -345,6 +345,36 @@ def test_network_delete_finishes_after_the_answer_before_the_next_network_call(
     assert_clean(plugin)
 
 
+def test_iptables_accept_rules_follow_the_networks(plugin: Plugin) -> None:
+    """One wildcard pair for the bridges netplug names (made with the first network, removed
+    with the last), ip6tables only with an IPv6 network, a pair per `-o bridge_name` bridge."""
+    host = plugin.host
+
+    def rules(binary: str) -> list[str]:
+        out = host.run(binary, "-S", "FORWARD").stdout
+        return sorted(line.split(" -m ")[0] for line in out.splitlines() if "netplug" in line)
+
+    wildcard = ["-A FORWARD -i npb+", "-A FORWARD -o npb+"]
+    first = Net(plugin, 50, "10.60.0.0/24")
+    assert rules("iptables") == wildcard
+    assert rules("ip6tables") == []
+    v6 = Net(plugin, 51, "10.61.0.0/24", pool6="fd00:61::/64")
+    custom = Net(plugin, 52, "10.62.0.0/24", options={"bridge_name": "custom0"})
+    own = ["-A FORWARD -i custom0", "-A FORWARD -o custom0"]
+    assert rules("iptables") == sorted([*wildcard, *own])
+    assert rules("ip6tables") == wildcard
+    c1, ep = first.run()
+    assert ping(c1.ns, "10.60.0.1")  # through FORWARD, whose policy is DROP here
+    first.stop(c1, ep)
+    custom.delete()
+    assert rules("iptables") == wildcard
+    first.delete()
+    assert rules("iptables") == wildcard  # the IPv6 network still uses it
+    v6.delete()
+    assert rules("iptables") == rules("ip6tables") == []
+    assert_clean(plugin)
+
+
 def test_bridge_name_in_use_and_bad_input_leave_nothing(plugin: Plugin) -> None:
     Net(plugin, 10, "10.88.0.0/24", options={"bridge_name": "shared0"})
     with pytest.raises(Exception, match="already used by netplug network"):
