@@ -876,16 +876,8 @@ def bench_docker(run: Run) -> None:
                     )
                 )
                 removes[key].append(docker("network", "rm", f"t{key}{i}"))
-        run.record(
-            "docker",
-            "network create netplug / bridge",
-            statistics.median(creates["np"]) / statistics.median(creates["br"]),
-        )
-        run.record(
-            "docker",
-            "network rm netplug / bridge",
-            statistics.median(removes["np"]) / statistics.median(removes["br"]),
-        )
+        _record_ratio(run, "network create netplug / bridge", creates)
+        _record_ratio(run, "network rm netplug / bridge", removes)
         docker_cli = f"{dockerenv.DOCKER} -H unix://{engine.socket}"
         _container_traffic(run, engine, docker_cli, dockerenv.python_image(), reps)
         shutil.rmtree(root, ignore_errors=True)
@@ -988,18 +980,14 @@ def _container_traffic(
             statistics.median(first[net]) * 1e3,
             "ms",
         )
-    median = {k: statistics.median(v) for k, v in (("rtt", rtt["np"]), ("rtt_br", rtt["br"]))}
-    run.record("docker", "RTT netplug / bridge", median["rtt"] / median["rtt_br"])
-    run.record(
-        "docker",
-        "TCP throughput netplug / bridge",
-        statistics.median(rate["np"]) / statistics.median(rate["br"]),
-    )
-    run.record(
-        "docker",
-        "first byte through -p netplug / bridge",
-        statistics.median(first["np"]) / statistics.median(first["br"]),
-    )
+    _record_ratio(run, "RTT netplug / bridge", rtt)
+    _record_ratio(run, "TCP throughput netplug / bridge", rate)
+    _record_ratio(run, "first byte through -p netplug / bridge", first)
+
+
+def _record_ratio(run: Run, metric: str, values: dict[str, list[float]]) -> None:
+    """Median on netplug's network over the median on Docker's bridge."""
+    run.record("docker", metric, statistics.median(values["np"]) / statistics.median(values["br"]))
 
 
 # --- running, reporting ---------------------------------------------------------------------

@@ -245,18 +245,29 @@ def _port_commands(ports: Iterable[PublishedPort], verb: str) -> list[str]:
 class Firewall:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
-        # iptables binary -> the names (a bridge, or the wildcard) with accept rules, as netplug
-        # last made them; unknown (None) until `rebuild` or a first change lists the chain.
+        # What netplug last made, so that most changes need no listing first (None: unknown
+        # until `rebuild`): whether the table exists, and per iptables binary the names (a
+        # bridge, or the wildcard) that have accept rules.
+        self._table: bool | None = None
         self._accepted: dict[str, set[str]] | None = None
 
     async def add_network(self, net: NetworkRules) -> None:
         text = _network_commands(net)
+        known = self._table
 
         def add(w: Worker) -> None:
             nft = _nft(w)
-            if not _table_exists(nft):  # the first network: the table comes with it
-                nft.run(_SKELETON)
-            nft.run(text)
+            # Listing the table to see whether it exists costs more than the change itself, so
+            # it is only done when netplug does not know, or when the change fails (someone
+            # removed the table behind netplug's back).
+            try:
+                if known or _table_exists(nft):
+                    nft.run(text)
+                    return
+            except FirewallError:
+                if _table_exists(nft):
+                    raise
+            nft.run(_SKELETON + text)  # the first network: the table comes with it
 
         name = accept_name(net.bridge)
         binaries = _IPTABLES if net.pools6 else _IPTABLES[:1]
@@ -268,6 +279,7 @@ class Firewall:
 
         # Usually the wildcard is there already, and a network costs no iptables exec at all.
         await together(partial(self.kernel.run, add), partial(self.kernel.run, accept))
+        self._table = True
         if self._accepted is not None:
             for binary in missing:
                 self._accepted[binary].add(name)
@@ -284,6 +296,7 @@ class Firewall:
             return False
 
         last = await self.kernel.run(remove)
+        self._table = not last
         name = accept_name(bridge)
         if last:  # no netplug network left: no accept rule either
             stale = [b for b in _IPTABLES if self._accepted is None or self._accepted[b]]
@@ -319,6 +332,7 @@ class Firewall:
         text += "".join(_network_commands(net) for net in networks)
         text += "".join(line + "\n" for line in _port_commands(ports, "add"))
         await self.kernel.run(lambda w: _nft(w).run(text))
+        self._table = bool(networks or ports)
         names4 = {accept_name(net.bridge) for net in networks}
         names6 = {accept_name(net.bridge) for net in networks if net.pools6}
         await self.kernel.run(lambda w: iptables_sync(names4, names6))

@@ -70,15 +70,19 @@ class Store:
         return self._dirs[type(record)] / f"{record.id}.json"
 
     async def save(self, record: _R, *, concurrent: bool = False) -> _R:
-        """Index the record at once, then write it: network records durably on a worker
-        thread, endpoint records inline (without fsync a write + rename costs tens of
-        microseconds). With `concurrent`, tasks started alongside this one run first, up to
-        their first wait: kernel work handed to a thread proceeds while the write happens."""
+        """Index the record at once, then write it: network records durably (fsynced) on a
+        worker thread unless they say "creating", other records inline (without fsync a write
+        and a rename cost tens of microseconds). With `concurrent`, tasks started alongside
+        this one run first, up to their first wait: kernel work handed to a thread proceeds
+        while the write happens."""
         if isinstance(record, Network):
             self.networks[record.id] = record
         else:
             self._index(record)
-        durable = self.fsync and isinstance(record, Network)
+        # A network record that says "creating" need not survive a power cut: the cut takes
+        # the bridge with it, and dockerd never got an answer. "ready" and "deleting" must:
+        # dockerd never sends the CreateNetwork again, nor a DeleteNetwork it had answered.
+        durable = self.fsync and isinstance(record, Network) and record.state != "creating"
         if durable:
             await trio.to_thread.run_sync(
                 self._write, self._path(record), _encoder.encode(record), True

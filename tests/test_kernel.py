@@ -375,6 +375,29 @@ def test_iptables_accept_rules_follow_the_networks(plugin: Plugin) -> None:
     assert_clean(plugin)
 
 
+def test_table_removed_behind_netplugs_back(plugin: Plugin) -> None:
+    """netplug remembers that its table exists; if someone deletes it, the next network brings
+    it back, and `netplug gc` restores the chains of the networks that were there."""
+    host = plugin.host
+
+    def chains() -> set[str]:
+        items = nft_table(host).get("nftables", [])
+        return {x["chain"]["name"] for x in items if "chain" in x and "net_" in x["chain"]["name"]}
+
+    first = Net(plugin, 60, "10.63.0.0/24")
+    host.run("nft", "delete", "table", "inet", "netplug")
+    second = Net(plugin, 61, "10.64.0.0/24")
+    assert chains() == {f"net_{nid(61)[:12]}_{s}" for s in ("in", "out", "nat_in", "nat_out")}
+    plugin.call("/Netplug.GC")
+    assert len(chains()) == 8  # both networks again
+    c1, ep = first.run()
+    assert ping(c1.ns, "10.63.0.1")
+    first.stop(c1, ep)
+    first.delete()
+    second.delete()
+    assert_clean(plugin)
+
+
 def test_bridge_name_in_use_and_bad_input_leave_nothing(plugin: Plugin) -> None:
     Net(plugin, 10, "10.88.0.0/24", options={"bridge_name": "shared0"})
     with pytest.raises(Exception, match="already used by netplug network"):

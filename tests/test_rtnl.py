@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from netplug.errors import InvalidRequest, KernelError, LinkExists, LinkMissing
+from netplug.errors import Conflict, InvalidRequest, KernelError, LinkExists, LinkMissing
 from netplug.netlink import IPV4_CONF_ROUTE_LOCALNET, Kernel, Worker
 from netplug.rtnl import (
     IFLA_IFNAME,
@@ -141,3 +141,20 @@ async def test_extended_ack_text_reaches_the_error(box: Box) -> None:
         await box.run(create)
     assert caught.value.errno == 95
     assert caught.value.strerror == "Unknown device type (Operation not supported)"
+
+
+async def test_a_full_bridge_is_named(box: Box) -> None:
+    """The kernel takes at most 1023 ports on a bridge; the next veth gets a clear error."""
+    bridge = await box.run(lambda w: w.index("br0"))
+
+    def fill(w: Worker) -> int:
+        made = 0
+        for i in range(1023):
+            w.rtnl.add_veth(f"f{i}", f"g{i}", master=bridge, mtu=None, peer_mac="02:00:00:00:00:01")
+            made += 1
+        return made
+
+    assert await box.run(fill) == 1023
+    with pytest.raises(Conflict, match=r"the bridge is full \(the kernel allows 1024 ports"):
+        await box.run(lambda w: veth(w, "h1", "p1", bridge))
+    assert "h1" not in box.ns.run("ip", "-br", "link").stdout
