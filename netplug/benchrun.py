@@ -840,6 +840,7 @@ def bench_docker(run: Run) -> None:
         run.record("docker", "run --rm -p netplug / bridge", med["np-p"] / med["br-p"])
         cli = [dockerenv.DOCKER, "-H", f"unix://{engine.socket}"]
         parallel: dict[tuple[str, str], list[float]] = defaultdict(list)
+        plugin_ms: dict[str, list[float]] = defaultdict(list)
         for i in range(run.n(3, 1)):  # rounds, the order alternating
             for net in ("np", "br") if i % 2 == 0 else ("br", "np"):
                 names = [f"{net}{i}x{k}" for k in range(20)]
@@ -849,6 +850,7 @@ def bench_docker(run: Run) -> None:
                 ]
                 for verb, argv in commands:
                     tail = ["busybox", "sleep", "600"] if verb == "starts" else []
+                    mark = len(engine.logs())
                     t = time.perf_counter()
                     procs = [
                         subprocess.Popen([*cli, *a, *tail], stdout=subprocess.DEVNULL) for a in argv
@@ -856,11 +858,22 @@ def bench_docker(run: Run) -> None:
                     for proc in procs:
                         proc.wait()
                     parallel[(verb, net)].append(time.perf_counter() - t)
+                    if net == "np":
+                        plugin_ms[verb] += _plugin_call_ms(engine.logs()[mark:])
         for verb in ("starts", "removals"):
             np_s, br_s = (statistics.median(parallel[(verb, net)]) for net in ("np", "br"))
             run.record("docker", f"20 parallel {verb} s (np)", np_s, "s")
             run.record("docker", f"20 parallel {verb} s (br)", br_s, "s")
             run.record("docker", f"20 parallel {verb} netplug / bridge", np_s / br_s)
+            # how long netplug's calls took, summed over the calls of one container (from the
+            # `ms=` of its log lines, so including the waits 20 containers at once cause)
+            calls = plugin_ms[verb]
+            run.record(
+                "docker",
+                f"20 parallel {verb}: netplug ms per container",
+                sum(calls) / (20 * run.n(3, 1)),
+                "ms",
+            )
         creates: dict[str, list[float]] = {"np": [], "br": []}
         removes: dict[str, list[float]] = {"np": [], "br": []}
         for i in range(reps):
@@ -983,6 +996,15 @@ def _container_traffic(
     _record_ratio(run, "RTT netplug / bridge", rtt)
     _record_ratio(run, "TCP throughput netplug / bridge", rate)
     _record_ratio(run, "first byte through -p netplug / bridge", first)
+
+
+def _plugin_call_ms(log: str) -> list[float]:
+    """The `ms=` of every call netplug logged (dockerd tags the plugin's lines `plugin=`)."""
+    return [
+        float(line.split(" ms=", 1)[1].split()[0].strip('"'))
+        for line in log.splitlines()
+        if "plugin=" in line and " call=" in line and " ms=" in line
+    ]
 
 
 def _record_ratio(run: Run, metric: str, values: dict[str, list[float]]) -> None:
