@@ -129,6 +129,7 @@ class Driver:
         self._port_lock = trio.Lock()
         self._endpoint_locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self._creating: dict[str, Endpoint] = {}  # endpoints whose links are being made
+        self._finishing: set[str] = set()  # endpoints being deleted after their answer
         # Where work off the reply path runs; None (tests, tools): everything inline.
         self._background: trio.Nursery | None = None
 
@@ -466,6 +467,7 @@ class Driver:
         await self.store.save(ep)
 
     async def _finish_delete(self, net: Network, ep: Endpoint, backend: Backend) -> None:
+        self._finishing.add(ep.id)
         try:
             await backend.delete_endpoint(net, ep)
             await self.store.remove(ep)
@@ -474,6 +476,8 @@ class Driver:
                 "deleting endpoint links failed; netplug gc or the next start retries",
                 extra={"network": net.id, "endpoint": ep.id},
             )
+        finally:
+            self._finishing.discard(ep.id)
 
     async def _delete_endpoint(self, net: Network, ep: Endpoint, backend: Backend) -> None:
         # Kernel first, record last: a crash in between leaves a record whose links are gone,
@@ -718,6 +722,20 @@ class Driver:
     async def collect_garbage(self) -> list[str]:
         collected: list[str] = []
         async with self._network_lock, self._port_lock:
+            # Deletions that failed after their answer (their records still say "deleting"):
+            # finish them. Network deletions in progress hold the network lock, so none runs
+            # now; endpoint deletions in progress are skipped.
+            for ep in list(self.store.endpoints.values()):
+                net = self.store.networks.get(ep.network_id)
+                if ep.state == "deleting" and ep.id not in self._finishing and net is not None:
+                    await self._shielded(
+                        partial(self._delete_endpoint, net, ep, self._backend(net))
+                    )
+                    collected.append(f"endpoint {ep.id[:12]} (its deletion finished)")
+            for net in list(self.store.networks.values()):
+                if net.state == "deleting" and not self.store.endpoints_of(net.id):
+                    await self._shielded(partial(self._remove_network, net, self._backend(net)))
+                    collected.append(f"network {net.id[:12]} (its deletion finished)")
             for name, backend in self._backends_in_use().items():
                 collected += await backend.collect_garbage(partial(self._records, name))
         for item in collected:

@@ -9,10 +9,12 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import httpx
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +22,7 @@ from netplug import protocol as p
 from netplug.backend import BackendContext, BackendFactory, Registry
 from netplug.dispatch import App
 from netplug.driver import EPHEMERAL_PORTS, Driver
+from netplug.errors import KernelError
 from netplug.model import Endpoint, Network, PublishedPort
 from netplug.store import Store
 
@@ -653,6 +656,50 @@ async def test_status_and_gc(plug: Plugin) -> None:
     assert [n["id"] for n in status["networks"]] == [NID]
     assert [e["id"] for e in status["endpoints"]] == [EID]
     assert await plug.ok("/Netplug.GC") == {"collected": []}
+
+
+class FlakyBackend(MemoryBackend):
+    """The memory backend whose first endpoint and first network deletion fail."""
+
+    failed: ClassVar[set[str]] = set()
+
+    async def delete_endpoint(self, network: Network, endpoint: Endpoint) -> None:
+        if "endpoint" not in self.failed:
+            self.failed.add("endpoint")
+            raise KernelError("deleting link nphx: device busy (errno 16)")
+        await super().delete_endpoint(network, endpoint)
+
+    async def delete_network(self, network: Network) -> None:
+        if "network" not in self.failed:
+            self.failed.add("network")
+            raise KernelError("deleting bridge npbx: device busy (errno 16)")
+        await super().delete_network(network)
+
+
+async def test_gc_finishes_deletions_that_failed_after_the_answer(tmp_path: Path) -> None:
+    FlakyBackend.failed.clear()
+    async with (
+        make_plugin(tmp_path, backends={"memory": FlakyBackend}) as plug,
+        trio.open_nursery() as nursery,
+    ):
+        plug.driver.run_in_background(nursery)
+        await with_endpoints(plug, EID)
+        assert await plug.ok("DeleteEndpoint", ids()) == {}  # answered; then it fails
+        await trio.testing.wait_all_tasks_blocked()
+        status = await plug.ok("/Netplug.Status")
+        assert [(e["id"], e["state"]) for e in status["endpoints"]] == [(EID, "deleting")]
+        collected = (await plug.ok("/Netplug.GC"))["collected"]
+        assert collected == [f"endpoint {EID[:12]} (its deletion finished)"]
+        assert plug.driver.store.endpoints == {}
+
+        assert await plug.ok("DeleteNetwork", {"NetworkID": NID}) == {}
+        await trio.testing.wait_all_tasks_blocked()
+        assert [n.state for n in plug.driver.store.networks.values()] == ["deleting"]
+        collected = (await plug.ok("/Netplug.GC"))["collected"]
+        assert collected == [f"network {NID[:12]} (its deletion finished)"]
+        assert plug.driver.store.networks == {}
+        assert plug.memory.calls.count(("delete_network", NID)) == 1  # the one that worked
+        nursery.cancel_scope.cancel()
 
 
 # --- HTTP and decoding errors ----------------------------------------------------------------
