@@ -7,6 +7,7 @@ namespace of its own. Everything runs in throwaway namespaces; nothing on this h
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="netplug-demo-", dir="/tmp"))
     plugin = Plugin(host, workdir)
     servers: list[subprocess.Popen[str]] = []
+    finished = False
     try:
         step(
             f"netplug serve in namespace {host.name} (the Docker host); 'world' plays the internet"
@@ -124,6 +126,7 @@ def main() -> int:
             if "level=debug" not in line:
                 print("    " + line)
         print("\ndemo finished: every step worked and nothing was left behind")
+        finished = True
         return 0
     finally:
         for proc in servers:
@@ -134,6 +137,10 @@ def main() -> int:
             container.delete()
         host.delete()
         world.delete()
+        if finished:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"the plugin's log and state are kept in {workdir}", file=sys.stderr)
 
 
 if __name__ == "__main__":
