@@ -283,7 +283,7 @@ def bench_dispatch(run: Run) -> None:
                 if name == "GetCapabilities":
                     await call("/NetworkDriver.GetCapabilities", b"")
                 elif name == "CreateEndpoint+DeleteEndpoint":
-                    body = {**ids, "Interface": {"Address": f"10.201.{i // 250}.{i % 250 + 2}/16"}}
+                    body = {**ids, "Interface": {"Address": _address(i)}}
                     await call("/NetworkDriver.CreateEndpoint", json.dumps(body).encode())
                     await call("/NetworkDriver.DeleteEndpoint", json.dumps(ids).encode())
                 else:
@@ -328,6 +328,11 @@ with S(path, H) as server:
     os.chmod(path, 0o600)
     server.serve_forever()
 """
+
+
+def _address(i: int) -> str:
+    """The `i`th container address in the bench's 10.201.0.0/16 network."""
+    return f"10.201.{i // 250 % 250}.{i % 250 + 2}/16"
 
 
 def _request(path: str, body: bytes) -> bytes:
@@ -499,7 +504,7 @@ def bench_socket(run: Run) -> None:
                             ids = {"NetworkID": NET, "EndpointID": _endpoint_id(1000 + i)}
                             payload = {
                                 **ids,
-                                "Interface": {"Address": f"10.201.{i // 250}.{i % 250 + 2}/16"},
+                                "Interface": {"Address": _address(i)},
                             }
                             if call == "Join":
                                 payload = {**ids, "SandboxKey": "/x"}
@@ -579,7 +584,7 @@ def bench_endpoints(run: Run) -> None:
                 serial += 1
                 eid = _endpoint_id(10_000 + serial)
                 ids.append(eid)
-                addr = f"10.201.{serial // 250 % 250}.{serial % 250 + 2}/16"
+                addr = _address(serial)
                 t = time.perf_counter()
                 await driver.create_endpoint(
                     p.CreateEndpointRequest(
@@ -787,10 +792,6 @@ def bench_memory(run: Run) -> None:
     run.record("memory", f"RSS with {warm} endpoints MB", base, "MB")
     run.record("memory", f"RSS with {warm + count} endpoints MB", loaded, "MB")
     run.record("memory", "RSS growth MB per 1000 endpoints", (loaded - base) * 1000 / count, "MB")
-
-
-def _address(i: int) -> str:
-    return f"10.201.{i // 250}.{i % 250 + 2}/16"
 
 
 def _find_pid(marker: str) -> int:

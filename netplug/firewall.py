@@ -385,21 +385,18 @@ def _run_tolerant(nft: Nft, cmds: list[str]) -> None:
 
 
 # --- iptables FORWARD accept rules (coexistence with dockerd's policy DROP) -----------------
-
-WILDCARD = BRIDGE_PREFIX + "+"  # iptables' interface wildcard: every name netplug generates
-
-
-def accept_name(bridge: str) -> str:
-    """The name in the accept rules that cover `bridge`."""
-    return WILDCARD if OWNED_NAME.match(bridge) and bridge.startswith(BRIDGE_PREFIX) else bridge
-
-
 #
 # Per binary one listing (`-S FORWARD`) and at most one `*-restore --noflush` with all changes:
 # two execs instead of one per rule. ip6tables only for networks with IPv6 subnets (without them
 # no IPv6 is forwarded through the bridge).
 
 _IPTABLES = ("iptables", "ip6tables")
+WILDCARD = BRIDGE_PREFIX + "+"  # iptables' interface wildcard: every name netplug generates
+
+
+def accept_name(bridge: str) -> str:
+    """The name in the accept rules that cover `bridge`."""
+    return WILDCARD if OWNED_NAME.match(bridge) and bridge.startswith(BRIDGE_PREFIX) else bridge
 
 
 def _iptables(

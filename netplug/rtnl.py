@@ -29,7 +29,8 @@ NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 SOL_NETLINK = 270
 NETLINK_CAP_ACK, NETLINK_EXT_ACK = 10, 11
-NLM_F_ACK_TLVS = 0x200  # in an error message's flags: extended-ack attributes follow
+# in an error message's flags: the request's payload left out, extended-ack attributes follow
+NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
 NLMSGERR_ATTR_MSG = 1
 NLA_F_NESTED = 0x8000
 
@@ -230,7 +231,7 @@ class Rtnl:
         linkinfo = nested(
             IFLA_LINKINFO,
             string(IFLA_INFO_KIND, "veth"),
-            nested(IFLA_INFO_DATA, attr(VETH_INFO_PEER | NLA_F_NESTED, peer_info)),
+            nested(IFLA_INFO_DATA, nested(VETH_INFO_PEER, peer_info)),
         )
         body = (
             ifinfo(up=True)
@@ -265,8 +266,8 @@ def _error(code: int, message: bytes, flags: int) -> RtnlError:
     text = os.strerror(code)
     if flags & NLM_F_ACK_TLVS:
         # nlmsgerr: errno, then the request's header (its payload is capped by NETLINK_CAP_ACK)
-        (orig_length,) = struct.unpack_from("=I", message, 20)
-        skip = 16 if flags & 0x100 else orig_length  # NLM_F_CAPPED
+        (orig_length,) = _U32.unpack_from(message, 20)
+        skip = 16 if flags & NLM_F_CAPPED else orig_length
         tlvs = parse_attrs(message, 20 + ((skip + 3) & ~3))
         if NLMSGERR_ATTR_MSG in tlvs:
             said = bytes(tlvs[NLMSGERR_ATTR_MSG]).rstrip(b"\0").decode(errors="replace")
